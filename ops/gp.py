@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ._checks import check_finite, check_positive, check_shape
 
@@ -179,3 +180,35 @@ def truncated_rbf_kernel(distance: float, length_scale: float, truncation: float
     integrand = lambda r: special.j0(r * distance) * r / sigma**2 * math.exp(-0.5 * (r / sigma) ** 2)
     value, _ = integrate.quad(integrand, 0.0, radius, limit=200)
     return value / mass
+
+
+def gp_noise_torch(
+    generator: torch.Generator,
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    num_features: int = DEFAULT_FEATURES,
+    length_scale: float | None = None,
+    truncation: float = DEFAULT_TRUNCATION,
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """Independent GP draws on the regular grid, dense RFF in torch (training batches, GPU-friendly) -> (B, C, h, w)."""
+    res = max(height, width)
+    eps = default_length_scale(res) if length_scale is None else length_scale
+    check_positive("length_scale", eps)
+    # 1. truncated z by rejection, oversampled once (acceptance 1 - e^{-t^2/2} = 0.86 at t = 2).
+    freqs = torch.empty(0, 2, device=device)
+    while freqs.shape[0] < batch * num_features:
+        cand = torch.randn(2 * batch * num_features, 2, generator=generator, device=device)
+        freqs = torch.cat([freqs, cand[cand.norm(dim=1) <= truncation]])
+    freqs = freqs[: batch * num_features].view(batch, num_features, 2) / eps  # (B, J, 2)
+    phases = torch.rand(batch, num_features, generator=generator, device=device) * (2 * math.pi)  # (B, J)
+    weights = torch.randn(batch, channels, num_features, generator=generator, device=device)  # (B, C, J)
+    # 2. evaluate at pixel centres in unit coordinates.
+    ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    points = (torch.stack([xs, ys], -1).reshape(-1, 2).float() + 0.5) / res  # (h*w, 2)
+    basis = torch.cos(points @ freqs.transpose(1, 2) + phases[:, None, :])  # (B, h*w, J)
+    field = math.sqrt(2.0 / num_features) * weights @ basis.transpose(1, 2)  # (B, C, h*w)
+    return field.view(batch, channels, height, width).to(dtype)
