@@ -54,7 +54,7 @@ def draw_rff(
     resolution: int,
     num_features: int = DEFAULT_FEATURES,
     length_scale: float | None = None,
-    truncation: float = DEFAULT_TRUNCATION,
+    truncation: float | None = DEFAULT_TRUNCATION,
 ) -> RFFeatures:
     """Draw (z, b, w) for a C-channel GP; `resolution` is the larger latent side, used for the default eps."""
     if not isinstance(rng, np.random.Generator):
@@ -64,12 +64,15 @@ def draw_rff(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     eps = default_length_scale(resolution) if length_scale is None else length_scale
     check_positive("length_scale", eps)
-    check_positive("truncation", truncation)
-    # 1. z ~ N(0, eps^-2 I) truncated at |z| <= truncation/eps, by rejection (acceptance 1 - e^{-t^2/2}).
+    if truncation is not None:
+        check_positive("truncation", truncation)
+    # 1. z ~ N(0, eps^-2 I) truncated at |z| <= truncation/eps (None: untruncated, the exact RBF kernel),
+    #    by rejection (acceptance 1 - e^{-t^2/2}).
+    limit = math.inf if truncation is None else truncation
     freqs = np.empty((0, 2))
     while freqs.shape[0] < num_features:
         cand = rng.standard_normal((2 * num_features, 2))
-        cand = cand[np.linalg.norm(cand, axis=1) <= truncation]
+        cand = cand[np.linalg.norm(cand, axis=1) <= limit]
         freqs = np.concatenate([freqs, cand])
     freqs = freqs[:num_features] / eps  # (J, 2)
     # 2. phases and per-channel weights.

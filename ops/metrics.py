@@ -1,0 +1,100 @@
+"""Restoration and temporal-consistency metrics (paper Sec. 4.2; How I Warped Your Noise's self-warping error)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as nnf
+
+from . import flow as flowops
+from ._checks import check_choice, check_shape
+
+REFERENCES = ("first", "prev")
+
+
+def _check_video(name: str, frames: torch.Tensor) -> None:
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4:
+        raise ValueError(f"{name} must be a (F, C, H, W) tensor, got {getattr(frames, 'shape', type(frames).__name__)}")
+
+
+def warping_error(
+    frames: torch.Tensor, forward: torch.Tensor, valid: torch.Tensor | None = None, reference: str = "first"
+) -> torch.Tensor:
+    """Self-warping error per frame j >= 1 -> (F-1,): mean squared difference, over valid pixels, between
+    frame j warped onto the reference frame's grid (frame 0, or j-1) and the reference frame.
+
+    frames: (F, C, H, W); forward: (F-1, H, W, 2) flows j-1 -> j; valid: (F-1, H, W) occlusion masks.
+    Warping samples frame j at the reference pixels' positions in frame j (bilinear), the same map the
+    self-guidance uses, so guidance and metric measure one thing.
+    """
+    _check_video("frames", frames)
+    check_choice("reference", reference, REFERENCES)
+    f, c, h, w = frames.shape
+    flowops.check_flow("forward", forward)
+    check_shape("forward", forward, (f - 1, h, w, 2), "(flows j-1 -> j on the frames' grid)")
+    if valid is None:
+        valid = torch.ones(f - 1, h, w, dtype=torch.bool, device=frames.device)
+    check_shape("valid", valid, (f - 1, h, w))
+    forward = forward.to(torch.float64)
+    frames64 = frames.to(torch.float64)
+    if reference == "prev":
+        grid = flowops.identity_grid(h, w, torch.float64, frames.device)
+        points = grid + forward  # (F-1, H, W, 2)
+        ok = valid & flowops.inside(points, h, w)
+        refs = frames64[:-1]
+    else:
+        positions, ok = flowops.chain_forward(forward, valid)
+        points, ok = positions[1:], ok[1:]
+        refs = frames64[:1].expand(f - 1, -1, -1, -1)
+    warped = flowops.sample_bilinear(frames64[1:], points)  # (F-1, C, H, W)
+    sq = (warped - refs).pow(2).mean(1)  # (F-1, H, W)
+    count = ok.sum((1, 2))
+    err = (sq * ok).sum((1, 2)) / count.clamp(min=1)
+    return torch.where(count > 0, err, torch.full_like(err, float("nan")))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image of (B, C, H, W) batches -> (B,) in dB."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum())[:, None] * (g / g.sum())[None, :]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5) per image -> (B,)."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    c = a.shape[1]
+    window = _gaussian_window().to(a.device)[None, None].expand(c, 1, -1, -1)
+    a, b = a.double(), b.double()
+    blur = lambda t: nnf.conv2d(t, window, groups=c)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+def flicker(frames: torch.Tensor) -> torch.Tensor:
+    """Mean absolute change of mean brightness between consecutive frames (global flicker) -> scalar."""
+    _check_video("frames", frames)
+    if frames.shape[0] < 2:
+        raise ValueError("flicker needs at least 2 frames")
+    means = frames.double().mean((1, 2, 3))
+    return (means[1:] - means[:-1]).abs().mean()
+
+
+def summarize(values: torch.Tensor) -> float:
+    """Mean over finite entries (NaN where a frame had no valid pixel)."""
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else math.nan
