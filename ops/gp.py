@@ -100,19 +100,21 @@ def _check_points(points: np.ndarray) -> np.ndarray:
     return points
 
 
-def rff_eval_dense(features: RFFeatures, points: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Reference evaluation: (..., 2) unit-square points -> (C, ...) field values, cos matrix in chunks."""
+def rff_eval_dense(features: RFFeatures, points: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Reference evaluation: (..., 2) unit-square points -> (C, ...), the cos matrix in float64 chunks (torch)."""
     points = _check_points(points)
-    flat = points.reshape(-1, 2)
-    out = np.empty((features.channels, flat.shape[0]))
+    flat = torch.from_numpy(points.reshape(-1, 2))
+    freqs, phases = torch.from_numpy(features.freqs), torch.from_numpy(features.phases)
+    weights = torch.from_numpy(features.weights)
+    out = torch.empty(features.channels, flat.shape[0], dtype=torch.float64)
     scale = math.sqrt(2.0 / features.num_features)
     for start in range(0, flat.shape[0], chunk):
-        arg = flat[start : start + chunk] @ features.freqs.T + features.phases  # (n, J)
-        out[:, start : start + chunk] = scale * (features.weights @ np.cos(arg).T)
-    return out.reshape((features.channels,) + points.shape[:-1])
+        arg = flat[start : start + chunk] @ freqs.T + phases  # (n, J)
+        out[:, start : start + chunk] = scale * (weights @ torch.cos(arg).T)
+    return out.numpy().reshape((features.channels,) + points.shape[:-1])
 
 
-def rff_eval_nufft(features: RFFeatures, points: np.ndarray, tol: float = 1e-7, nthreads: int | None = None) -> np.ndarray:
+def rff_eval_nufft(features: RFFeatures, points: np.ndarray, tol: float = 1e-6, nthreads: int | None = None) -> np.ndarray:
     """Exact-to-`tol` evaluation by a type-3 NUFFT: f(p) = Re sum_j (w_j e^{i b_j}) e^{i <z_j, p>}."""
     import finufft
 
@@ -129,7 +131,7 @@ def rff_eval_nufft(features: RFFeatures, points: np.ndarray, tol: float = 1e-7, 
     return out.reshape((features.channels,) + points.shape[:-1])
 
 
-def rff_eval(features: RFFeatures, points: np.ndarray, backend: str = "nufft", tol: float = 1e-7) -> np.ndarray:
+def rff_eval(features: RFFeatures, points: np.ndarray, backend: str = "nufft", tol: float = 1e-6) -> np.ndarray:
     """Evaluate the GP at unit-square points with the chosen backend ('nufft' or 'dense')."""
     if backend == "nufft":
         return rff_eval_nufft(features, points, tol=tol)
@@ -145,7 +147,7 @@ def gp_noise_at(
     height: int,
     width: int,
     backend: str = "nufft",
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     num_features: int = DEFAULT_FEATURES,
     length_scale: float | None = None,
 ) -> np.ndarray:

@@ -85,7 +85,7 @@ def integral_noise(rng, shape, forward: torch.Tensor, subpixels: int = 8) -> tor
     return torch.stack(out)
 
 
-def gp_warped_noise(rng, shape, positions: torch.Tensor, backend="nufft", tol=1e-7, **gp_kwargs) -> torch.Tensor:
+def gp_warped_noise(rng, shape, positions: torch.Tensor, backend="nufft", tol=1e-6, **gp_kwargs) -> torch.Tensor:
     """One GP draw evaluated exactly at each frame's positions in frame 0 (latent pixels) -> (F, C, h, w)."""
     f, c, h, w = shape
     noise = gp.gp_noise_at(rng, positions.detach().cpu().double().numpy(), c, h, w, backend=backend, tol=tol, **gp_kwargs)
