@@ -1,0 +1,278 @@
+"""A real, isolated Prefect server and process worker on 127.0.0.1, plus deploy/run helpers.
+
+Used by tests and by scripts that need the deployment path (`prefect deploy`, `prefect deployment run`)
+without touching the user's ~/.prefect: every process gets PREFECT_HOME = a given directory, whose
+sqlite DB (`prefect.db`) is the server's database.
+
+    with PrefectServer(tmp / "prefect") as server, ProcessWorker("local", server.env()):
+        deploy_all(project_dir, server.env())
+        state, flow_run_id = run_deployment("flow/deployment", {"x": 1}, server.env())
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from infra._proc import free_port, stop_group, wait_http
+
+__all__ = ["PrefectServer", "ProcessWorker", "deploy_all", "run_deployment", "prefect_cmd", "base_env"]
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def prefect_cmd() -> list[str]:
+    """The `prefect` CLI of this interpreter's environment (the venv's script, else `python -m prefect`)."""
+    exe = Path(sys.executable).with_name("prefect")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]
+
+
+def base_env(home: str | os.PathLike, api_url: str | None = None) -> dict[str, str]:
+    """Prefect settings (strings) that isolate a process in `home` and keep it offline and quick."""
+    home = str(Path(home).resolve())
+    env = {
+        "PREFECT_HOME": home,
+        "PREFECT_PROFILES_PATH": os.path.join(home, "profiles.toml"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # default 10: a deployment run would wait up to 10 s
+        "PREFECT_CLI_COLORS": "false",
+        "PREFECT_CLI_WRAP_LINES": "false",
+        "PYTHONUNBUFFERED": "1",
+        # the venv's bin first, so the worker's flow-run subprocess finds this interpreter's prefect
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def _child_env(env: dict[str, str] | None) -> dict[str, str]:
+    merged = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_KEY", "PREFECT_PROFILE")}
+    merged.update(env or {})
+    return merged
+
+
+class PrefectServer:
+    """`prefect server start` on 127.0.0.1:<free port> with its own PREFECT_HOME and sqlite DB.
+
+    `with PrefectServer(home) as s:` waits for `{s.api_url}/health`; `s.env()` is what a child
+    process (CLI, worker, flow) needs to talk to it. Stop: SIGINT to the process group, then
+    SIGTERM, then SIGKILL.
+    """
+
+    def __init__(self, home: str | os.PathLike, port: int | None = None, startup_timeout: float = 90.0,
+                 ui: bool = False, stop_timeout: float = 15.0):
+        self.home = Path(home).resolve()
+        self.port = port
+        self.startup_timeout = startup_timeout
+        self.ui = ui
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.home / "server.log"
+        self.startup_seconds: float | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables (on top of os.environ) for a process that uses this server."""
+        env = base_env(self.home, self.api_url)
+        env["PREFECT_SERVER_UI_ENABLED"] = "true" if self.ui else "false"
+        return env
+
+    def start(self) -> "PrefectServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        env = self.env()
+        env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
+        env["PREFECT_SERVER_API_PORT"] = str(self.port)
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*prefect_cmd(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+             "--analytics-off", "--ui" if self.ui else "--no-ui"],
+            env=_child_env(env), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=self.home,
+        )
+        try:
+            wait_http(f"{self.api_url}/health", timeout=self.startup_timeout, proc=self.proc)
+        except Exception as e:
+            self.stop()
+            raise RuntimeError(f"Prefect server did not start: {e}\n{self.log_tail()}") from e
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, signals=(signal.SIGINT,), grace=self.stop_timeout)
+            self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "PrefectServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def create_work_pool(name: str, env: dict[str, str], pool_type: str = "process") -> None:
+    """Create work pool `name` of `pool_type` unless it exists (`prefect work-pool create`)."""
+    r = subprocess.run([*prefect_cmd(), "--no-prompt", "work-pool", "inspect", name], env=_child_env(env),
+                       capture_output=True, text=True)
+    if r.returncode == 0:
+        return
+    r = subprocess.run([*prefect_cmd(), "--no-prompt", "work-pool", "create", name, "--type", pool_type],
+                       env=_child_env(env), capture_output=True, text=True)
+    if r.returncode != 0 and "already exists" not in (r.stdout + r.stderr):
+        raise RuntimeError(f"prefect work-pool create {name} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+
+
+class ProcessWorker:
+    """`prefect worker start --pool NAME --type process` against the server described by `env`.
+
+    Creates the pool if missing. `ready` = the worker logged that it started (it polls every
+    PREFECT_WORKER_QUERY_SECONDS, 1 s in `base_env`). Stop: SIGINT, wait, a second SIGINT (a
+    process worker only exits on the second one), then SIGTERM/SIGKILL to the whole group, which
+    also takes down flow-run subprocesses still running.
+    """
+
+    def __init__(self, pool: str, env: dict[str, str], name: str | None = None, cwd: str | os.PathLike | None = None,
+                 log_path: str | os.PathLike | None = None, startup_timeout: float = 60.0,
+                 stop_timeout: float = 10.0, limit: int | None = None):
+        self.pool = pool
+        self.env = dict(env)
+        self.name = name or f"{pool}-worker-{os.getpid()}"
+        self.cwd = Path(cwd) if cwd else Path(self.env.get("PREFECT_HOME", "."))
+        self.log_path = Path(log_path) if log_path else Path(self.env.get("PREFECT_HOME", ".")) / f"worker-{pool}.log"
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.limit = limit
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    def start(self) -> "ProcessWorker":
+        t0 = time.monotonic()
+        create_work_pool(self.pool, self.env, "process")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._log = open(self.log_path, "ab")
+        cmd = [*prefect_cmd(), "--no-prompt", "worker", "start", "--pool", self.pool, "--type", "process",
+               "--name", self.name, "--install-policy", "never"]
+        if self.limit:
+            cmd += ["--limit", str(self.limit)]
+        self.proc = subprocess.Popen(cmd, env=_child_env(self.env), stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            text = self.log_tail(offset=offset)
+            if "started!" in text or "Worker" in text and "started" in text:
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Prefect worker did not start:\n{text[-4000:]}")
+            time.sleep(0.2)
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def log_tail(self, n: int = 1 << 20, offset: int = 0) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc, signals=(signal.SIGINT, signal.SIGINT), grace=self.stop_timeout)
+            self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "ProcessWorker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def work_pools_in(prefect_yaml: str | os.PathLike) -> list[str]:
+    """Work pool names referenced by the deployments of a prefect.yaml."""
+    import yaml
+
+    doc = yaml.safe_load(Path(prefect_yaml).read_text()) or {}
+    names = [((d or {}).get("work_pool") or {}).get("name") for d in doc.get("deployments") or []]
+    return sorted({n for n in names if n and "{{" not in n})
+
+
+def deploy_all(project_dir: str | os.PathLike, env: dict[str, str], timeout: float = 300.0,
+               create_pools: str | None = "process") -> str:
+    """`prefect --no-prompt deploy --all` in `project_dir` (reads its prefect.yaml); returns the output.
+
+    With --no-prompt, deploy refuses a work pool that does not exist yet, so the pools named in
+    prefect.yaml are first created with type `create_pools` (None: don't).
+    """
+    if create_pools:
+        for pool in work_pools_in(Path(project_dir) / "prefect.yaml"):
+            create_work_pool(pool, env, create_pools)
+    r = subprocess.run([*prefect_cmd(), "--no-prompt", "deploy", "--all"], cwd=project_dir, env=_child_env(env),
+                       capture_output=True, text=True, timeout=timeout)
+    out = r.stdout + r.stderr
+    if r.returncode != 0 or "Traceback" in out:
+        raise RuntimeError(f"prefect deploy --all failed in {project_dir} ({r.returncode}):\n{out}")
+    return out
+
+
+def run_deployment(name: str, parameters: dict | None, env: dict[str, str], timeout: float = 600.0,
+                   watch_interval: int = 1) -> tuple[str, str]:
+    """`prefect deployment run NAME --params JSON --watch`; returns (final state type, flow-run id).
+
+    The state type is e.g. "COMPLETED", "FAILED", "CRASHED", read from the API after the watch
+    ends; a failed flow run is returned, not raised. Raises if no flow run was created.
+    """
+    cmd = [*prefect_cmd(), "--no-prompt", "deployment", "run", name, "--watch",
+           "--watch-interval", str(watch_interval), "--watch-timeout", str(int(timeout))]
+    if parameters:
+        cmd += ["--params", json.dumps(parameters)]
+    r = subprocess.run(cmd, env=_child_env(env), capture_output=True, text=True, timeout=timeout + 60)
+    out = r.stdout + r.stderr
+    m = re.search(r"UUID:\s*(" + _UUID.pattern + ")", out)
+    if not m:
+        raise RuntimeError(f"prefect deployment run {name} created no flow run ({r.returncode}):\n{out}")
+    flow_run_id = m.group(1)
+    return read_flow_run_state(flow_run_id, env), flow_run_id
+
+
+def read_flow_run_state(flow_run_id: str, env: dict[str, str]) -> str:
+    """State type name of a flow run, read with the Prefect client (in a subprocess, so `env` applies)."""
+    code = ("import asyncio,sys\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        fr = await c.read_flow_run(sys.argv[1])\n"
+            "        print(fr.state.type.value if fr.state else 'UNKNOWN')\n"
+            "asyncio.run(main())\n")
+    r = subprocess.run([sys.executable, "-c", code, flow_run_id], env=_child_env(env), capture_output=True,
+                       text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"reading flow run {flow_run_id} failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout.strip().splitlines()[-1]
