@@ -1,0 +1,392 @@
+"""Video decode/encode with PyAV over fsspec URLs, with clear errors and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Iterable, Iterator
+
+import av
+import fsspec
+import numpy as np
+
+# Audio codecs a container can take by stream copy (remux); anything else is re-encoded.
+_REMUX_AUDIO = {
+    "mp4": {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"},
+    "mov": {"aac", "mp3", "alac", "ac3", "eac3", "pcm_s16le", "pcm_s16be"},
+    "mkv": None,  # None: anything
+    "webm": {"opus", "vorbis"},
+    "avi": {"mp3", "ac3", "pcm_s16le"},
+}
+_REENCODE_AUDIO = {"webm": "libopus"}  # default re-encode target: aac
+_MAGIC = (b"ftyp", b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"moov", b"mdat", b"free", b"wide")
+
+
+class VideoError(ValueError):
+    """A video that cannot be read or written as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Container facts about one video."""
+
+    frames: int
+    fps: float
+    fps_fraction: str  # exact rate, e.g. "30000/1001"
+    width: int
+    height: int
+    has_audio: bool
+    audio_codec: str | None
+    audio_rate: int | None
+    duration_s: float
+    codec: str
+    source: str
+
+    @property
+    def rate(self) -> Fraction:
+        """The exact frame rate."""
+        return Fraction(self.fps_fraction)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (for zarr attrs / MLflow params)."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _open_input(url: str, storage_options: dict | None):
+    """Open url as a binary file object, mapping missing/empty files to VideoError."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise VideoError(f"{url}: file not found — check the path/URL and credentials.") from None
+    if fs.isdir(path):
+        raise VideoError(f"{url}: is a directory, not a video file — pass a file URL.")
+    if not size:
+        raise VideoError(f"{url}: file is empty (0 bytes) — the upload/copy probably failed; re-copy it.")
+    return fs.open(path, "rb")
+
+
+def _open_container(url: str, fobj) -> av.container.InputContainer:
+    """av.open on a file object; InvalidData becomes 'not a video' or 'truncated/corrupt'."""
+    head = fobj.read(16)
+    fobj.seek(0)
+    try:
+        container = av.open(fobj, mode="r")
+    except av.error.FFmpegError as e:
+        if any(m in head for m in _MAGIC):
+            raise VideoError(
+                f"{url}: video is truncated or corrupt (FFmpeg: {e.strerror or e}) — "
+                "re-download or re-export the file."
+            ) from None
+        raise VideoError(
+            f"{url}: not a video (FFmpeg cannot recognise the format: {e.strerror or e}) — "
+            "pass an mp4/mov/mkv/avi/webm file."
+        ) from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{url}: has no video stream (audio-only or data file) — pass a video file.")
+    return container
+
+
+def _claimed_frames(container, stream) -> int:
+    """Frame count the container claims (header count, else duration x rate, else demux count)."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration is not None and stream.time_base is not None and rate:
+        return int(round(float(stream.duration * stream.time_base * rate)))
+    if container.duration and rate:
+        return int(round(container.duration / av.time_base * float(rate)))
+    n = sum(1 for p in container.demux(stream) if p.size)
+    container.seek(0)
+    return n
+
+
+def _info(url: str, container) -> VideoInfo:
+    """VideoInfo from an open container."""
+    v = container.streams.video[0]
+    rate = Fraction(v.average_rate or v.guessed_rate or v.base_rate or 0)
+    if rate <= 0:
+        raise VideoError(f"{url}: video stream has no frame rate — re-mux it with an explicit rate.")
+    a = container.streams.audio[0] if container.streams.audio else None
+    frames = _claimed_frames(container, v)
+    return VideoInfo(
+        frames=frames,
+        fps=float(rate),
+        fps_fraction=f"{rate.numerator}/{rate.denominator}",
+        width=int(v.codec_context.width),
+        height=int(v.codec_context.height),
+        has_audio=a is not None,
+        audio_codec=a.codec_context.name if a is not None else None,
+        audio_rate=int(a.codec_context.sample_rate) if a is not None else None,
+        duration_s=frames / float(rate),
+        codec=v.codec_context.name,
+        source=url,
+    )
+
+
+def probe_video(url: str, storage_options: dict | None = None) -> VideoInfo:
+    """Container facts (frames, exact fps, size, audio) without decoding."""
+    with _open_input(url, storage_options) as f, _open_container(url, f) as c:
+        return _info(url, c)
+
+
+def _decode(url: str, container) -> Iterator[av.VideoFrame]:
+    """Decode the first video stream, turning FFmpeg errors into 'truncated/corrupt'."""
+    try:
+        yield from container.decode(video=0)
+    except av.error.FFmpegError as e:
+        raise VideoError(
+            f"{url}: video is truncated or corrupt (decoding failed: {e.strerror or e}) — "
+            "re-download or re-export the file."
+        ) from None
+
+
+def read_video(
+    url: str, start: int = 0, stop: int | None = None, storage_options: dict | None = None
+) -> tuple[np.ndarray, VideoInfo]:
+    """Decode frames [start, stop) as uint8 RGB (F, H, W, 3) plus the VideoInfo."""
+    with _open_input(url, storage_options) as f, _open_container(url, f) as c:
+        info = _info(url, c)
+        if info.frames < 2:
+            raise VideoError(
+                f"{url}: has {info.frames} frame(s); temporal restoration needs at least 2 — "
+                "pass a longer clip (or restore it as an image)."
+            )
+        stop = info.frames if stop is None else stop
+        if not (0 <= start < stop <= info.frames):
+            raise VideoError(
+                f"{url}: frame range [{start}, {stop}) out of bounds for a video of "
+                f"{info.frames} frames — use 0 <= start < stop <= {info.frames}."
+            )
+        out = []
+        n = 0
+        for frame in _decode(url, c):
+            if n >= start:
+                out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+            n += 1
+            if n >= stop:
+                break
+    if n < stop:
+        raise VideoError(
+            f"{url}: video is truncated or corrupt: decoded {n} frames but the container claims "
+            f"{info.frames} — re-download or re-export the file."
+        )
+    return np.stack(out), info  # (F, H, W, 3) uint8
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _as_rate(fps) -> Fraction:
+    """Exact frame rate from Fraction, int, float or 'num/den' string."""
+    if isinstance(fps, str):
+        rate = Fraction(fps)
+    elif isinstance(fps, float):
+        rate = Fraction(fps).limit_denominator(1001)
+    else:
+        rate = Fraction(fps)
+    if rate <= 0:
+        raise VideoError(f"fps must be positive, got {fps!r}.")
+    return rate
+
+
+def _frames_iter(frames) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """First frame and an iterator over all frames, validated to uint8 (H, W, 3)."""
+    it = iter(frames)
+    try:
+        first = np.asarray(next(it))
+    except StopIteration:
+        raise VideoError("write_video: no frames given — pass at least one (H, W, 3) uint8 frame.") from None
+
+    def check(x):
+        x = np.asarray(x)
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3 or x.shape != first.shape:
+            raise VideoError(
+                f"write_video: frames must be uint8 (H, W, 3) of one size {first.shape}; "
+                f"got {x.dtype} {x.shape} — convert with np.clip(x*255, 0, 255).astype(np.uint8)."
+            )
+        return x
+
+    def gen():
+        yield check(first)
+        for x in it:
+            yield check(x)
+
+    return first, gen()
+
+
+def _container_kind(path: str) -> str:
+    """'mp4' / 'mov' / 'mkv' / 'webm' / 'avi' from the file extension."""
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    kind = {"m4v": "mp4", "mkv": "mkv", "mka": "mkv"}.get(ext, ext)
+    if kind not in _REMUX_AUDIO:
+        raise VideoError(f"{path}: unsupported output extension '.{ext}' — use .mp4, .mov, .mkv, .webm or .avi.")
+    return kind
+
+
+def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf):
+    """Configure the video encoder; returns (stream, pad_h, pad_w)."""
+    if lossless:
+        codec, opts = ("ffv1", {}) if kind in ("mkv", "avi") else ("libx264rgb", {"qp": "0", "preset": "veryfast"})
+        pix = "bgr0" if codec == "ffv1" else "rgb24"
+        pad_h = pad_w = 0
+    else:
+        if kind == "webm" and codec.startswith("libx26"):
+            codec = "libvpx-vp9"  # webm holds only VP8/VP9/AV1
+        opts = {"crf": str(crf), "preset": "medium"} if codec.startswith("libx26") else {}
+        if codec == "libvpx-vp9":
+            opts = {"crf": str(max(crf, 15)), "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        pix = "yuv420p"
+        pad_h, pad_w = h % 2, w % 2  # 4:2:0 needs even sizes
+    s = out.add_stream(codec, rate=rate)
+    s.width, s.height, s.pix_fmt = w + pad_w, h + pad_h, pix
+    s.time_base = 1 / rate
+    s.codec_context.time_base = 1 / rate
+    s.options = opts
+    return s, pad_h, pad_w
+
+
+def _audio_source(audio_from, storage_options):
+    """(file, container, stream) for audio_from, or None when it has no audio."""
+    f = _open_input(audio_from, storage_options)
+    try:
+        c = av.open(f, mode="r")
+    except av.error.FFmpegError as e:
+        f.close()
+        raise VideoError(f"{audio_from}: cannot read audio source ({e}) — pass a media file with audio.") from None
+    if not c.streams.audio:
+        c.close()
+        f.close()
+        return None
+    return f, c, c.streams.audio[0]
+
+
+def _audio_packets(src, out, kind, duration_s):
+    """Remux (or re-encode) audio up to duration_s; returns a time-sorted list of (t, packet)."""
+    _, ic, ia = src
+    allowed = _REMUX_AUDIO[kind]
+    if allowed is None or ia.codec_context.name in allowed:
+        oa = out.add_stream_from_template(ia)
+        pkts = []
+        for p in ic.demux(ia):
+            if p.dts is None or p.pts is None:
+                continue
+            t = float(p.pts * p.time_base)
+            if t >= duration_s:
+                break
+            p.stream = oa
+            pkts.append((t, p))
+        return pkts
+    target = _REENCODE_AUDIO.get(kind, "aac")
+    oa = out.add_stream(target, rate=48000 if target == "libopus" else ia.codec_context.sample_rate)
+    oa.layout = ia.codec_context.layout.name if ia.codec_context.layout else "stereo"
+    pkts = []
+    resampler = av.AudioResampler(format=oa.codec_context.format.name, layout=oa.layout, rate=oa.rate)
+    for fr in ic.decode(ia):
+        if fr.time is not None and fr.time >= duration_s:
+            break
+        for rf in resampler.resample(fr):
+            pkts += [(float(p.pts * p.time_base), p) for p in oa.encode(rf)]
+    pkts += [(float(p.pts * p.time_base), p) for p in oa.encode(None)]
+    return pkts
+
+
+def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames):
+    """Encode into a local file path (not atomic by itself)."""
+    kind = _container_kind(path)
+    first, it = _frames_iter(frames)
+    h, w = first.shape[:2]
+    opts = {"movflags": "+faststart"} if kind in ("mp4", "mov") else {}
+    src = _audio_source(audio_from, storage_options) if audio_from else None
+    try:
+        with av.open(path, mode="w", options=opts) as out:
+            vs, pad_h, pad_w = _add_video_stream(out, kind, rate, h, w, lossless, codec, crf)
+            dur = (n_frames / rate) if n_frames else float("inf")
+            audio = _audio_packets(src, out, kind, float(dur)) if src else []
+            ai = 0
+            for i, x in enumerate(it):
+                t = float(i / rate)
+                while ai < len(audio) and audio[ai][0] <= t:  # interleave by time
+                    out.mux(audio[ai][1])
+                    ai += 1
+                if pad_h or pad_w:
+                    x = np.pad(x, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(x), format="rgb24")
+                vf.pts = i
+                out.mux(vs.encode(vf))
+            out.mux(vs.encode(None))
+            for _, p in audio[ai:]:
+                out.mux(p)
+    finally:
+        if src:
+            src[1].close()
+            src[0].close()
+
+
+def write_video(
+    path_or_url: str,
+    frames,
+    fps,
+    audio_from: str | None = None,
+    lossless: bool = False,
+    codec: str = "libx264",
+    crf: int = 18,
+    storage_options: dict | None = None,
+) -> str:
+    """Encode uint8 RGB frames (F, H, W, 3) (or an iterable of (H, W, 3)) atomically; returns the URL.
+
+    Lossy: H.264 yuv420p (odd sizes padded by one edge row/column to even).
+    Lossless: libx264rgb qp 0 (.mp4/.mov) or ffv1 (.mkv/.avi), bit-exact RGB.
+    audio_from: a media URL whose first audio stream is copied (re-encoded if the container
+    cannot hold it), trimmed to the video's duration.
+    """
+    rate = _as_rate(fps)
+    n_frames = len(frames) if hasattr(frames, "__len__") else None
+    fs, dest = fsspec.core.url_to_fs(path_or_url, **(storage_options or {}))
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    base, ext = os.path.splitext(os.path.basename(dest))
+    if local:
+        d = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(d, exist_ok=True)
+    else:
+        import tempfile
+
+        d = tempfile.gettempdir()
+    tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}{ext}")
+    try:
+        _encode_local(tmp, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames)
+        if local:
+            os.replace(tmp, dest)
+        else:
+            fs.put_file(tmp, dest)  # one object PUT: visible whole or not at all
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path_or_url
+
+
+# ---------------------------------------------------------------- array helpers
+
+
+def pad_to_multiple(frames: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, tuple[int, int]]:
+    """Reflect-pad (..., H, W, C) at the bottom/right to multiples of `multiple`."""
+    h, w = frames.shape[-3], frames.shape[-2]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if not (pad_h or pad_w):
+        return frames, (0, 0)
+    widths = [(0, 0)] * (frames.ndim - 3) + [(0, pad_h), (0, pad_w), (0, 0)]
+    mode = "reflect" if (h > 1 or not pad_h) and (w > 1 or not pad_w) else "edge"
+    return np.pad(frames, widths, mode=mode), (pad_h, pad_w)  # (..., H+pad_h, W+pad_w, C)
+
+
+def crop_to(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Crop (..., H, W, C) to the top-left (height, width)."""
+    if frames.shape[-3] < height or frames.shape[-2] < width:
+        raise ValueError(f"crop_to: frames {frames.shape} smaller than ({height}, {width}).")
+    return frames[..., :height, :width, :]
