@@ -1,0 +1,201 @@
+"""`restore-video` command line: run, demo, serve, train, models, experiment, compare, archive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flows.config import METHODS, PROJECT_ROOT
+
+
+def _env_defaults() -> None:
+    os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "inductor"))
+
+
+def _add_restore_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="sr8", help="sr8 | inpaint")
+    p.add_argument("--method", default="warped-diffusion", help=" | ".join(METHODS))
+    p.add_argument("--mode", default="restore", help="restore (input is degraded) | benchmark (input is ground truth)")
+    p.add_argument("--mask", default=None, help="inpaint: mask image/video URL, white = hole")
+    p.add_argument("--frames", default=None, help="START:END")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="model name (restore-video models) or a local diffusers directory")
+    p.add_argument("--flow-backend", default="dis", help="dis | farneback")
+    p.add_argument("--out", default="out")
+    p.add_argument("--work-root", default=None)
+    p.add_argument("--executor", default="ray", help="ray | inline")
+    p.add_argument("--max-batch", type=int, default=None)
+
+
+def _restore_params(args) -> dict:
+    params = dict(task=args.task, method=args.method, mode=args.mode, mask=args.mask, frames=args.frames, steps=args.steps,
+                  guidance=args.guidance, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
+                  executor=args.executor, max_batch=args.max_batch)
+    if args.work_root:
+        params["work_root"] = args.work_root
+    return params
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"restored {report['frames']} frames ({report['task']}, {report['method']})")
+    we = report["warping_error"]
+    print(f"  warping error  pixel first {we['pixel_first']:.5f}  prev {we['pixel_prev']:.5f}  latent first {we['latent_first']:.4f}  prev {we['latent_prev']:.4f}")
+    if "psnr" in report:
+        print(f"  PSNR {report['psnr']:.2f} dB  SSIM {report['ssim']:.4f}")
+    print(f"  stages cached: {sum(report['cached'].values())}/{len(report['cached'])}   total {report['timings_s'].get('total', 0):.1f} s")
+    for name, url in report["outputs"].items():
+        print(f"  {name:18s} {url}")
+    print(f"  MLflow run {report['mlflow_run_id']}  ({report['mlflow_tracking_uri']}; `mlflow ui --backend-store-uri {report['mlflow_tracking_uri']}`)")
+
+
+def cmd_run(args) -> int:
+    from pydantic import ValidationError
+
+    from flows.config import RestoreConfig
+    from flows.restore_video import restore
+
+    try:
+        cfg = RestoreConfig(input=args.input, **_restore_params(args))
+    except ValidationError as exc:
+        print("error: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()), file=sys.stderr)
+        return 2
+    try:
+        report = restore(cfg)
+    except ValueError as exc:  # bad input: VideoError and friends
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_report(report, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from flows.restore_video import ensure_sample_clip
+
+    args.input = ensure_sample_clip()
+    args.mode = "benchmark"
+    args.out = args.out if args.out != "out" else str(PROJECT_ROOT / "out" / "demo")
+    return cmd_run(args)
+
+
+def cmd_models(args) -> int:
+    from storage.models import list_models
+
+    models = list_models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+    else:
+        for name, info in models.items():
+            print(f"{name:16s} task={info['task']:8s} noise={str(info['noise']):6s} params={info['params']:>9,d}  eval={info.get('eval', {})}")
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from flows.train_denoiser import cli
+
+    return cli(argv)
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    from infra.prefect_server import PrefectServer, ProcessWorker, deploy_all
+    from infra.tracking import MlflowUI, tracking_uri
+    from flows.config import DEFAULT_WORK_ROOT
+
+    home = PROJECT_ROOT / ".prefect-server"
+    with PrefectServer(home) as server, ProcessWorker("restore-video-pool", server.env()), MlflowUI(tracking_uri(DEFAULT_WORK_ROOT)) as ui:
+        deploy_all(str(PROJECT_ROOT), server.env())
+        print(f"Prefect UI   {server.api_url.removesuffix('/api')}")
+        print(f"Prefect API  {server.api_url}   (export PREFECT_API_URL={server.api_url})")
+        print(f"MLflow UI    {ui.url}")
+        print("deployments: restore-video/default, restore-archive/nightly   (Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_archive(args) -> int:
+    from flows.restore_archive import archive_cli
+
+    return archive_cli(args)
+
+
+def cmd_experiment(args) -> int:
+    from flows.experiments import experiment_cli
+
+    return experiment_cli(args)
+
+
+def cmd_compare(args) -> int:
+    from flows.compare import compare_cli
+
+    return compare_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="restore-video", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="restore one video")
+    p.add_argument("input", help="video path or fsspec URL")
+    _add_restore_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("demo", help="restore the embedded sample clip (8x super-resolution benchmark)")
+    _add_restore_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("models", help="list the available models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_models)
+    p = sub.add_parser("serve", help="Prefect server + process worker + MLflow UI on 127.0.0.1, deployments registered")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("archive", help="restore every video under a prefix (local, s3://, ...)")
+    p.add_argument("input_prefix")
+    p.add_argument("--glob", default=None)
+    p.add_argument("--concurrency", type=int, default=1)
+    _add_restore_options(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_archive)
+    p = sub.add_parser("experiment", help="reproduce a paper comparison as MLflow runs: shift-inpaint, video-sr, guidance-sweep")
+    p.add_argument("name")
+    p.add_argument("--input", default=None)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--work-root", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_experiment)
+    p = sub.add_parser("compare", help="paper-style table of an experiment from MLflow")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--format", default="md", choices=["md", "csv", "html"])
+    p.add_argument("--work-root", default=None)
+    p.set_defaults(fn=cmd_compare)
+    sub.add_parser("train", help="train the embedded models (see `restore-video train --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _env_defaults()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Validated configuration of a restore-video run (pydantic): every bad field gets a message saying what to do."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS = ("warped-diffusion", "gp", "fixed", "resample", "nearest", "bilinear", "integral")
+TASKS = ("sr8", "inpaint")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORK_ROOT = os.environ.get("RESTORE_VIDEO_WORK_ROOT", str(PROJECT_ROOT / "work"))
+
+
+def sample_clip_path() -> str:
+    """The embedded sample clip (made by storage.sample on first use)."""
+    return str(PROJECT_ROOT / "assets" / "sample" / "sample_256.mp4")
+
+
+class RestoreConfig(BaseModel):
+    """Everything that determines a restoration; the whole object is logged to MLflow as params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="video URL: local path or any fsspec URL (s3://, file://, ...)")
+    task: Literal["sr8", "inpaint"] = "sr8"
+    mode: Literal["restore", "benchmark"] = Field(
+        "restore", description="restore: the input is the degraded video; benchmark: the input is ground truth, degraded first"
+    )
+    method: str = "warped-diffusion"
+    mask: str | None = Field(None, description="inpaint, restore mode: mask image or video URL (white = hole)")
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
+    seed: int = Field(0, ge=0)
+    model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
+    flow_backend: Literal["dis", "farneback"] = "dis"
+    frames: str | None = Field(None, description="frame range START:END (END exclusive), e.g. 0:16")
+    out: str = Field("out", description="output directory URL")
+    work_root: str = Field(DEFAULT_WORK_ROOT, description="artifact cache root URL")
+    executor: Literal["ray", "inline"] = "ray"
+    max_batch: int | None = Field(None, ge=1, description="largest wavefront batch (memory bound); None = all active frames")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
+        return value
+
+    @field_validator("frames")
+    @classmethod
+    def _frame_range(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", value)
+        if not m:
+            raise ValueError(f"frames {value!r} must look like START:END, e.g. 0:16")
+        start, stop = m.group(1), m.group(2)
+        if start and stop and int(stop) - int(start) < 2:
+            raise ValueError(f"frames {value!r} selects fewer than 2 frames; temporal restoration needs at least 2")
+        return value
+
+    @model_validator(mode="after")
+    def _inpaint_needs_mask(self):
+        if self.task == "inpaint" and self.mode == "restore" and not self.mask:
+            raise ValueError("task 'inpaint' in restore mode needs --mask (an image or video URL, white = hole); "
+                             "or use --mode benchmark to generate masks")
+        if self.task == "sr8" and self.mask:
+            raise ValueError("--mask is only used by task 'inpaint'")
+        return self
+
+    @property
+    def frame_range(self) -> tuple[int, int | None]:
+        if not self.frames:
+            return 0, None
+        start, stop = self.frames.split(":")
+        return int(start or 0), (int(stop) if stop.strip() else None)
+
+    @property
+    def model_name(self) -> str:
+        return self.model or {"sr8": "sr8-gp", "inpaint": "inpaint-gp"}[self.task]
+
+    @property
+    def noise_method(self) -> str:
+        """The noise-warping method: warped-diffusion = gp noise + self-guidance."""
+        return "gp" if self.method == "warped-diffusion" else self.method
+
+    @property
+    def guidance_strength(self) -> float:
+        return self.guidance if self.method == "warped-diffusion" else 0.0
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

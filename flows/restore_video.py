@@ -1,0 +1,230 @@
+"""The restore-video flow: a DAG of cached stages, sampling on a model worker (Ray actor or inline), MLflow run.
+
+    extract_frames -> prepare -> estimate_flow -> encode -> generate_noise -> sample -> decode -> outputs + metrics
+
+Every stage's artifact is content-addressed in `work_root`, so a rerun (or a run killed mid-way) recomputes
+only what is missing; metrics.json says which stages were reused (`cached`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import fsspec
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+
+from flows.config import RestoreConfig, flatten, sample_clip_path
+from storage.video import VideoError
+from tasks import decode as decode_stage
+from tasks import encode as encode_stage
+from tasks import extract as extract_stage
+from tasks import flow as flow_stage
+from tasks import noise as noise_stage
+from tasks import outputs
+from tasks import prepare as prepare_stage
+from tasks import sample as sample_stage
+from tasks._stage import StageRecord, store_for
+from tasks.models import get_model
+
+STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode")
+
+
+def check_output_writable(out: str, storage_options: dict) -> None:
+    """Fail before any work if --out cannot be written (nothing is left behind by the probe)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(out, **storage_options)
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
+        with fs.open(probe, "wb") as f:
+            f.write(b"")
+        fs.rm(probe)
+    except (OSError, PermissionError) as exc:
+        raise VideoError(f"output directory {out!r} is not writable ({exc.__class__.__name__}: {exc}); choose another --out") from exc
+
+
+def ensure_sample_clip() -> str:
+    """The embedded sample clip, rendered by our own code on first use."""
+    path = sample_clip_path()
+    if not os.path.exists(path):
+        from storage.sample import make_sample_clip
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_sample_clip(path)
+    return path
+
+
+def _flow_run_id() -> str | None:
+    try:
+        ctx = get_run_context()
+        return str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
+    except Exception:
+        return None
+
+
+class _Progress:
+    """Sampling progress to a tqdm bar and a Prefect progress artifact."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="sampling", unit="tick")
+        self.artifact = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact = create_progress_artifact(progress=0.0, description="restore-video sampling")
+        except Exception:  # outside a flow run there is nowhere to publish it
+            self.artifact = None
+
+    def __call__(self, info: dict) -> None:
+        done, total = info.get("tick", 0), max(info.get("total_ticks", 0), 1)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+        if self.artifact is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact, progress=100.0 * done / total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
+    """Sample on the given actor pool, on a fresh Ray actor, or in-process (`executor='inline'`)."""
+    progress = _Progress(total=cfg.steps)
+    try:
+        if pool is not None:
+            return StageRecord(**pool.sample(request, progress=progress))
+        if cfg.executor == "inline":
+            worker = sample_stage.SamplerWorker(cfg.model_name)
+            worker._external_callback = progress
+            return StageRecord(**worker.sample(**request))
+        with sample_stage.SamplerPool(cfg.model_name, size=1) as ray_pool:
+            return StageRecord(**ray_pool.sample(request, progress=progress))
+    finally:
+        progress.close()
+
+
+def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> dict:
+    """Run every stage for one video; returns the metrics.json report."""
+    from infra import tracking
+
+    logger = _logger()
+    opts = cfg.storage_options
+    t_total = time.perf_counter()
+    check_output_writable(cfg.out, opts)
+    store = store_for(cfg.work_root, opts)
+    records: dict[str, StageRecord] = {}
+
+    # 1-2. frames and conditioning
+    k_extract = extract_stage.extract_key(cfg.input, cfg.frame_range, opts)
+    records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k_extract, cfg.input, cfg.frame_range)
+    mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
+    k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident)
+    records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask)
+    # 3. flow
+    k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend)
+    records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
+    # 4-5. conditioning latents and initial noise
+    model = get_model(cfg.model_name)
+    if model.task != cfg.task:
+        raise ValueError(f"model {cfg.model_name!r} was trained for task {model.task!r}, not {cfg.task!r}; pick a {cfg.task} model")
+    k_enc = encode_stage.encode_key(k_prep, cfg.model_name)
+    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name)
+    base = model.noise if model.noise in ("gp", "white") else "white"
+    k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, model.latent_channels, base)
+    records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, model.latent_channels, base)
+    # 6. sampling (the expensive stage)
+    k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch)
+    request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
+                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch)
+    if store.exists("sample", k_sample):
+        records["sample"] = StageRecord("sample", k_sample, True)
+    else:
+        logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength}, executor {cfg.executor}")
+        records["sample"] = run_sampling(cfg, request, pool)
+    # 7. decode
+    k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name)
+    records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name)
+
+    # 8. metrics and outputs
+    t_out = time.perf_counter()
+    restored = store.open("decode", k_dec).load()
+    prepared = store.open("prepare", k_prep).load()
+    extracted = store.open("extract_frames", k_extract)
+    latents = store.open("sample", k_sample)["latents"].values
+    computed = outputs.compute_metrics(restored, prepared, store.open("estimate_flow", k_flow).load(), latents)
+    fps = float(extracted.attrs["fps"])
+    report = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "mode": cfg.mode,
+        "model": cfg.model_name,
+        "frames": int(restored.sizes["frame"]),
+        "fps": fps,
+        **computed["summary"],
+        "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
+        "cached": {name: r.cached for name, r in records.items()},
+        "keys": {name: r.key for name, r in records.items()},
+    }
+    with tracking.start_run(
+        experiment=os.environ.get("RESTORE_VIDEO_EXPERIMENT", "restore-video"),
+        run_name=f"{os.path.basename(cfg.input)}:{cfg.method}",
+        tags={"prefect_flow_run_id": _flow_run_id() or "", "git_commit": tracking.git_commit(), "model": cfg.model_name,
+              "method": cfg.method, "task": cfg.task, "input": cfg.input},
+        work_root=cfg.work_root,
+        parent_run_id=parent_run_id,
+    ) as run:
+        report["mlflow_run_id"] = run.info.run_id
+        report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
+        audio = cfg.input if extracted.attrs.get("info_has_audio") and cfg.frame_range == (0, None) else None
+        urls = outputs.write_outputs(cfg.out, restored["frames"].values, prepared, fps, audio, computed["per_frame"], opts)
+        report["timings_s"]["outputs"] = round(time.perf_counter() - t_out, 3)
+        report["timings_s"]["total"] = round(time.perf_counter() - t_total, 3)
+        report["outputs"] = urls
+        from storage.artifacts import write_json_atomic
+
+        write_json_atomic(urls["metrics.json"], report, storage_options=opts)
+        outputs.log_to_mlflow(flatten(cfg.model_dump(mode="json")), report, computed["per_frame"], urls, opts)
+    logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")
+    return report
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:
+        import logging
+
+        return logging.getLogger("restore-video")
+
+
+@flow(name="restore-video", log_prints=True)
+def restore_video(
+    input: str | None = None,
+    task: str = "sr8",
+    mode: str = "benchmark",
+    method: str = "warped-diffusion",
+    mask: str | None = None,
+    steps: int = 50,
+    guidance: float = 1.0,
+    seed: int = 0,
+    model: str | None = None,
+    flow_backend: str = "dis",
+    frames: str | None = None,
+    out: str = "out",
+    work_root: str | None = None,
+    executor: str = "ray",
+    max_batch: int | None = None,
+) -> dict:
+    """Restore one video (default: the embedded sample clip, 8x super-resolution benchmark)."""
+    params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
+                  guidance=guidance, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
+                  executor=executor, max_batch=max_batch)
+    if work_root:
+        params["work_root"] = work_root
+    return restore(RestoreConfig(**params))

@@ -1,0 +1,68 @@
+"""What every stage shares: content-addressed keys, skip-if-present, timing, and the artifact store."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from storage.artifacts import ArtifactStore, artifact_key
+
+# Bump a stage's version when its code changes what it writes: old artifacts are then not reused.
+VERSIONS = {
+    "extract_frames": "1",
+    "prepare": "1",
+    "estimate_flow": "1",
+    "encode": "1",
+    "generate_noise": "1",
+    "sample": "1",
+    "decode": "1",
+}
+
+
+@lru_cache(maxsize=16)
+def _store(root: str, options_key: tuple) -> ArtifactStore:
+    return ArtifactStore(root, dict(options_key))
+
+
+def store_for(work_root: str, storage_options: dict | None = None) -> ArtifactStore:
+    """One ArtifactStore per (root, options) in a process."""
+    return _store(work_root, tuple(sorted((storage_options or {}).items(), key=lambda kv: kv[0])))
+
+
+def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:
+    return artifact_key(stage, VERSIONS[stage], params, upstream)
+
+
+@dataclass
+class StageRecord:
+    """Bookkeeping of one stage in one run: its key, whether it was reused, and how long it took."""
+
+    stage: str
+    key: str
+    cached: bool
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def run_stage(store: ArtifactStore, stage: str, key: str, compute) -> StageRecord:
+    """Skip when the artifact exists; otherwise compute the xarray Dataset and publish it atomically."""
+    start = time.perf_counter()
+    if store.exists(stage, key):
+        return StageRecord(stage, key, True, time.perf_counter() - start)
+    ds = compute()
+    store.write(stage, key, ds)
+    return StageRecord(stage, key, False, time.perf_counter() - start)
+
+
+def retry_on_io_error(task, task_run, state) -> bool:
+    """Prefect retry condition: retry transient I/O errors, never bad input (ValueError and its VideoError)."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False

@@ -1,0 +1,24 @@
+"""Model loading shared by the stages: one instance per (name, device) per process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=4)
+def get_model(name: str, device: str = "cpu"):
+    from storage.models import load_model
+
+    model = load_model(name, device=device)
+    for p in model.parameters() if hasattr(model, "parameters") else []:
+        p.requires_grad_(False)
+    return model
+
+
+def model_identity(name: str) -> dict:
+    """What identifies a model's weights in cache keys: its id and card (weights hash where known)."""
+    model = get_model(name)
+    card = getattr(model, "card", {}) or {}
+    return {"model_id": getattr(model, "model_id", name), "weights": card.get("weights_sha256") or card.get("git_commit") or card.get("steps")}
