@@ -33,15 +33,18 @@ STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_nois
 
 
 def check_output_writable(out: str, storage_options: dict) -> None:
-    """Fail before any work if --out cannot be written (nothing is left behind by the probe)."""
+    """Fail before any work if --out cannot be written; the probe leaves nothing behind."""
     try:
         fs, path = fsspec.core.url_to_fs(out, **storage_options)
+        created = not fs.exists(path)
         fs.makedirs(path, exist_ok=True)
         probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
         with fs.open(probe, "wb") as f:
             f.write(b"")
         fs.rm(probe)
-    except (OSError, PermissionError) as exc:
+        if created and fs.isdir(path) and not fs.ls(path):
+            fs.rmdir(path)
+    except OSError as exc:
         raise VideoError(f"output directory {out!r} is not writable ({exc.__class__.__name__}: {exc}); choose another --out") from exc
 
 
