@@ -259,6 +259,8 @@ def run_deployment(name: str, parameters: dict | None, env: dict[str, str], time
     if not m:
         raise RuntimeError(f"prefect deployment run {name} created no flow run ({r.returncode}):\n{out}")
     flow_run_id = m.group(1)
+    if r.returncode == 0 and "Flow run finished successfully" in out:
+        return "COMPLETED", flow_run_id  # the CLI exits 0 only when state.is_completed()
     return read_flow_run_state(flow_run_id, env), flow_run_id
 
 

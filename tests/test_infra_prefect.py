@@ -20,8 +20,10 @@ from prefect import flow
 
 
 @flow(log_prints=True)
-def write_value(out: str, value: int = 1) -> int:
-    """Write 2 * value to `out` (the test's side effect)."""
+def write_value(out: str, value: int = 1, fail: bool = False) -> int:
+    """Write 2 * value to `out` (the test's side effect); raise if `fail`."""
+    if fail:
+        raise ValueError("asked to fail")
     Path(out).write_text(str(2 * value))
     print(f"wrote {2 * value} to {out}")
     return 2 * value
@@ -109,6 +111,9 @@ def test_deploy_and_run_with_process_worker(tmp_path):
             worker_pid = worker.proc.pid
             state, flow_run_id = run_deployment("write-value/write", {"out": str(out), "value": 21}, env,
                                                 timeout=120)
+            failed_state, failed_id = run_deployment("write-value/write", {"out": str(out), "fail": True}, env,
+                                                     timeout=120)
+        assert failed_state == "FAILED" and failed_id != flow_run_id
         assert state == "COMPLETED", worker.log_tail()
         assert len(flow_run_id) == 36
         assert out.read_text() == "42"

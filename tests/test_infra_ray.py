@@ -1,0 +1,76 @@
+"""ModelActorPool on a local Ray: results equal an inline computation, torch threads as requested."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from infra.ray_pool import ModelActorPool, default_temp_dir, ensure_ray
+
+pytestmark = pytest.mark.slow
+
+
+class TinyModel:
+    """Holds a seeded torch module; `run(seed)` returns (torch threads, module output)."""
+
+    def __init__(self, width: int, seed: int = 0):
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+        self.width = width
+
+    def run(self, seed: int):
+        x = torch.randn(4, self.width, generator=torch.Generator().manual_seed(seed))  # (4, width)
+        with torch.no_grad():
+            return torch.get_num_threads(), self.net(x)
+
+    def add(self, a, b):
+        return a + b
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    prev = os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=2)
+    assert ensure_ray() is None  # idempotent
+    yield
+    ray.shutdown()
+    if prev is not None:
+        os.environ["RAY_ADDRESS"] = prev
+
+
+def test_default_temp_dir_is_short():
+    assert len(default_temp_dir()) < 30 and default_temp_dir().startswith("/tmp/rv-ray-")
+
+
+def test_pool_matches_inline_and_sets_threads(ray_local):
+    reference = TinyModel(8, seed=3)
+    seeds = list(range(6))
+    expected = [reference.run(s)[1] for s in seeds]
+
+    with ModelActorPool(TinyModel, args=(8,), kwargs={"seed": 3}, num_actors=2, num_cpus=1,
+                        torch_threads=1) as pool:
+        assert pool.num_gpus == 0 and pool.num_cpus == 1
+        results = pool.map("run", seeds)
+        assert [t for t, _ in results] == [1] * len(seeds)
+        for (_, got), want in zip(results, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert pool.map("add", [(1, 2), (3, 4)], star=True) == [3, 7]
+        assert pool.call_all("add", 1, 1) == [2, 2]
+
+    # one actor gets all CPUs by default, and as many torch threads
+    with ModelActorPool(TinyModel, args=(8,), kwargs={"seed": 3}) as pool:
+        assert pool.num_cpus == 2
+        [(threads, got)] = pool.map("run", [5])
+        assert threads == 2
+        torch.testing.assert_close(got, expected[5], rtol=0, atol=0)
+
+
+def test_actor_errors_propagate(ray_local):
+    import ray
+
+    with ModelActorPool(TinyModel, args=(8,), num_cpus=1) as pool:
+        with pytest.raises(ray.exceptions.RayTaskError):
+            pool.map("run", ["not a seed"])
