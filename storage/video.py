@@ -147,6 +147,46 @@ def _decode(url: str, container) -> Iterator[av.VideoFrame]:
         ) from None
 
 
+def _read_linear(url: str, c, start: int, stop: int) -> tuple[list[np.ndarray], int]:
+    """Decode from the first frame, keeping [start, stop); returns (frames, frames decoded)."""
+    out, n = [], 0
+    for frame in _decode(url, c):
+        if n >= start:
+            out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+        n += 1
+        if n >= stop:
+            break
+    return out, n
+
+
+def _read_seek(url: str, c, start: int, stop: int, rate: Fraction):
+    """Seek to the keyframe before `start`, index frames by pts; None when unsure (caller decodes linearly)."""
+    v = c.streams.video[0]
+    first = next(iter(_decode(url, c)), None)
+    if first is None or first.pts is None or not v.time_base:
+        return None
+    t0, tb = first.pts, v.time_base
+    try:
+        c.seek(int(t0 + start / (rate * tb)), stream=v, backward=True, any_frame=False)
+    except av.error.FFmpegError:
+        return None
+    out, expect = [], None
+    for frame in _decode(url, c):
+        if frame.pts is None:
+            return None
+        idx = round((frame.pts - t0) * tb * rate)
+        if expect is None and idx > start:
+            return None  # overshot the start
+        if expect is not None and idx != expect:
+            return None  # gap or repeat: timestamps are not a clean constant rate
+        expect = idx + 1
+        if idx >= start:
+            out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+        if expect >= stop:
+            break
+    return (out, expect) if expect is not None else None
+
+
 def read_video(
     url: str, start: int = 0, stop: int | None = None, storage_options: dict | None = None
 ) -> tuple[np.ndarray, VideoInfo]:
@@ -164,14 +204,11 @@ def read_video(
                 f"{url}: frame range [{start}, {stop}) out of bounds for a video of "
                 f"{info.frames} frames — use 0 <= start < stop <= {info.frames}."
             )
-        out = []
-        n = 0
-        for frame in _decode(url, c):
-            if n >= start:
-                out.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
-            n += 1
-            if n >= stop:
-                break
+        got = _read_seek(url, c, start, stop, info.rate) if start > 0 else None
+    if got is None:
+        with _open_input(url, storage_options) as f, _open_container(url, f) as c:
+            got = _read_linear(url, c, start, stop)
+    out, n = got
     if n < stop:
         raise VideoError(
             f"{url}: video is truncated or corrupt: decoded {n} frames but the container claims "
@@ -230,7 +267,7 @@ def _container_kind(path: str) -> str:
     return kind
 
 
-def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf):
+def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options):
     """Configure the video encoder; returns (stream, pad_h, pad_w)."""
     if lossless:
         codec, opts = ("ffv1", {}) if kind in ("mkv", "avi") else ("libx264rgb", {"qp": "0", "preset": "veryfast"})
@@ -248,7 +285,7 @@ def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf):
     s.width, s.height, s.pix_fmt = w + pad_w, h + pad_h, pix
     s.time_base = 1 / rate
     s.codec_context.time_base = 1 / rate
-    s.options = opts
+    s.options = {**opts, **{k: str(v) for k, v in (options or {}).items()}}
     return s, pad_h, pad_w
 
 
@@ -297,7 +334,7 @@ def _audio_packets(src, out, kind, duration_s):
     return pkts
 
 
-def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames):
+def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options):
     """Encode into a local file path (not atomic by itself)."""
     kind = _container_kind(path)
     first, it = _frames_iter(frames)
@@ -306,7 +343,7 @@ def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_
     src = _audio_source(audio_from, storage_options) if audio_from else None
     try:
         with av.open(path, mode="w", options=opts) as out:
-            vs, pad_h, pad_w = _add_video_stream(out, kind, rate, h, w, lossless, codec, crf)
+            vs, pad_h, pad_w = _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options)
             dur = (n_frames / rate) if n_frames else float("inf")
             audio = _audio_packets(src, out, kind, float(dur)) if src else []
             ai = 0
@@ -338,6 +375,7 @@ def write_video(
     codec: str = "libx264",
     crf: int = 18,
     storage_options: dict | None = None,
+    options: dict | None = None,
 ) -> str:
     """Encode uint8 RGB frames (F, H, W, 3) (or an iterable of (H, W, 3)) atomically; returns the URL.
 
@@ -345,6 +383,7 @@ def write_video(
     Lossless: libx264rgb qp 0 (.mp4/.mov) or ffv1 (.mkv/.avi), bit-exact RGB.
     audio_from: a media URL whose first audio stream is copied (re-encoded if the container
     cannot hold it), trimmed to the video's duration.
+    options: extra encoder options (e.g. {"g": 8} for a keyframe every 8 frames).
     """
     rate = _as_rate(fps)
     n_frames = len(frames) if hasattr(frames, "__len__") else None
@@ -360,7 +399,7 @@ def write_video(
         d = tempfile.gettempdir()
     tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}{ext}")
     try:
-        _encode_local(tmp, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames)
+        _encode_local(tmp, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options)
         if local:
             os.replace(tmp, dest)
         else:

@@ -71,6 +71,20 @@ def test_read_range_and_probe(sample_clip):
     assert np.array_equal(part, full[3:7])
 
 
+@pytest.mark.parametrize("ext,lossless", [("mp4", False), ("mkv", True)])
+def test_ranged_reads_seek_to_the_right_frames(tmp_path, ext, lossless):
+    """Ranged reads seek to keyframes (every 6 frames, B-frames in H.264) and still return exact frames."""
+    x = noise_frames(30, 32, 32)
+    x[:, :16, :16] = (np.arange(30) * 8)[:, None, None, None]  # a per-frame marker block
+    p = str(tmp_path / f"long.{ext}")
+    write_video(p, x, 25, lossless=lossless, options={"g": 6})
+    full, _ = read_video(p)
+    for start, stop in [(1, 4), (6, 7), (13, 30), (29, 30)]:
+        part, _ = read_video(p, start=start, stop=stop)
+        assert np.array_equal(part, full[start:stop]), (start, stop)
+    assert np.array_equal(np.round(full[:, 8, 8, 0] / 8), np.arange(30))  # frames in order
+
+
 def test_sample_clip_is_deterministic_and_moves_as_its_affines_say(sample_clip):
     x, _ = read_video(sample_clip)
     assert np.array_equal(x, render_sample_frames(16, 64, seed=0))  # lossless + deterministic
