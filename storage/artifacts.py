@@ -134,6 +134,7 @@ class ArtifactStore:
 
     def exists(self, stage: str, key: str) -> bool:
         """True only when the artifact was completely published."""
+        self.fs.invalidate_cache(self._path(stage, f"{key}.zarr"))  # another process may have published it
         return self.fs.exists(self._path(stage, f"{key}.zarr/{MARKER}"))
 
     def write(self, stage: str, key: str, ds: xr.Dataset, encoding: dict | None = None,
