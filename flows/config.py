@@ -36,7 +36,7 @@ class RestoreConfig(BaseModel):
     guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
     seed: int = Field(0, ge=0)
     model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
-    flow_backend: Literal["dis", "farneback"] = "dis"
+    flow_backend: str = Field("dis", description="dis | farneback | shift:DX,DY (known integer/subpixel translation per frame)")
     frames: str | None = Field(None, description="frame range START:END (END exclusive), e.g. 0:16")
     out: str = Field("out", description="output directory URL")
     work_root: str = Field(DEFAULT_WORK_ROOT, description="artifact cache root URL")
@@ -50,6 +50,13 @@ class RestoreConfig(BaseModel):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
         return value
+
+    @field_validator("flow_backend")
+    @classmethod
+    def _known_flow_backend(cls, value: str) -> str:
+        if value in ("dis", "farneback") or re.fullmatch(r"shift:-?\d+(\.\d+)?,-?\d+(\.\d+)?", value):
+            return value
+        raise ValueError(f"unknown flow_backend {value!r}; expected dis, farneback or shift:DX,DY (pixels per frame)")
 
     @field_validator("frames")
     @classmethod

@@ -29,7 +29,15 @@ def pair_flow(src: np.ndarray, dst: np.ndarray, backend: str) -> np.ndarray:
 
 
 def estimate(frames: np.ndarray, backend: str) -> tuple[np.ndarray, np.ndarray]:
-    """(F, H, W, 3) uint8 -> forward (F-1, H, W, 2) (j-1 -> j) and backward (F-1, H, W, 2) (j -> j-1)."""
+    """(F, H, W, 3) uint8 -> forward (F-1, H, W, 2) (j-1 -> j) and backward (F-1, H, W, 2) (j -> j-1).
+
+    `shift:DX,DY` is the exact flow of a known translation per frame (the paper's shift experiments).
+    """
+    if backend.startswith("shift:"):
+        dx, dy = (float(v) for v in backend[len("shift:") :].split(","))
+        f, h, w = frames.shape[:3]
+        fwd, bwd = flowops.synthetic_flows(h, w, f, flowops.translation_matrix(dx, dy), dtype=torch.float32)
+        return fwd.numpy(), bwd.numpy()
     grey = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
     jobs = [dask.delayed(pair_flow)(grey[j - 1], grey[j], backend) for j in range(1, len(grey))]
     jobs += [dask.delayed(pair_flow)(grey[j], grey[j - 1], backend) for j in range(1, len(grey))]
