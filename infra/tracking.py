@@ -150,11 +150,13 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
 class MlflowUI:
     """`mlflow server` on 127.0.0.1:<free port> over a sqlite backend (for `restore-video serve`).
 
-    `with MlflowUI(work_root) as ui: print(ui.url)`; stop: SIGINT, SIGTERM, SIGKILL to its group.
+    `with MlflowUI(work_root) as ui: print(ui.url)`; stop: SIGTERM, then SIGKILL to its process group.
+    The server's job runner (GenAI jobs, 7 extra processes) is off unless `jobs=True`.
     """
 
     def __init__(self, work_root: str | os.PathLike | None = None, backend_store_uri: str | None = None,
-                 port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 60.0):
+                 port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 60.0,
+                 jobs: bool = False):
         if backend_store_uri is None:
             if work_root is None:
                 raise ValueError("give work_root or backend_store_uri")
@@ -163,6 +165,7 @@ class MlflowUI:
         self.work_root = Path(work_root).resolve() if work_root else None
         self.host, self.port = host, port
         self.startup_timeout = startup_timeout
+        self.jobs = jobs
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
@@ -180,7 +183,9 @@ class MlflowUI:
         root = _artifact_root(self.backend_store_uri)
         if root:  # served artifacts (runs logged through this server) land next to the DB, not in ./mlartifacts
             cmd += ["--artifacts-destination", root]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_store_uri, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.backend_store_uri, "PYTHONUNBUFFERED": "1",
+               # the job runner (GenAI jobs) adds 7 huey processes; we don't use it
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if self.jobs else "false"}
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -195,7 +200,8 @@ class MlflowUI:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_group(self.proc, signals=(signal.SIGINT,), grace=10)
+            # SIGTERM: uvicorn shuts down at once (SIGINT to the group left it waiting ~10 s)
+            stop_group(self.proc, signals=(signal.SIGTERM,), grace=10)
             self.proc = None
         if getattr(self, "_log", None):
             self._log.close()
