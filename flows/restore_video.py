@@ -179,8 +179,8 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         run_name=f"{os.path.basename(cfg.input)}:{cfg.method}",
         tags={"prefect_flow_run_id": _flow_run_id() or "", "git_commit": tracking.git_commit(), "model": cfg.model_name,
               "method": cfg.method, "task": cfg.task, "input": cfg.input},
-        work_root=cfg.work_root,
         parent_run_id=parent_run_id,
+        uri=tracking.tracking_uri(cfg.work_root),
     ) as run:
         report["mlflow_run_id"] = run.info.run_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)

@@ -62,20 +62,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+def _gaussian_taps(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
     x = torch.arange(size, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum())[:, None] * (g / g.sum())[None, :]
+    return g / g.sum()
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5) per image -> (B,)."""
+    """Structural similarity (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5, 'valid' borders) per image -> (B,)."""
     if a.shape != b.shape:
         raise ValueError(f"ssim needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     c = a.shape[1]
-    window = _gaussian_window().to(a.device)[None, None].expand(c, 1, -1, -1)
+    taps = _gaussian_taps().to(a.device)
+    rows, cols = taps.view(1, 1, 1, -1).expand(c, 1, 1, -1), taps.view(1, 1, -1, 1).expand(c, 1, -1, 1)
     a, b = a.double(), b.double()
-    blur = lambda t: nnf.conv2d(t, window, groups=c)
+    blur = lambda t: nnf.conv2d(nnf.conv2d(t, rows, groups=c), cols, groups=c)  # separable Gaussian
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2
     var_b = blur(b * b) - mu_b**2
