@@ -184,7 +184,7 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     ) as run:
         report["mlflow_run_id"] = run.info.run_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
-        audio = cfg.input if extracted.attrs.get("info_has_audio") and cfg.frame_range == (0, None) else None
+        audio = cfg.input if extracted.attrs.get("info_has_audio") and cfg.frame_range[0] == 0 else None
         urls = outputs.write_outputs(cfg.out, restored["frames"].values, prepared, fps, audio, computed["per_frame"], opts)
         report["timings_s"]["outputs"] = round(time.perf_counter() - t_out, 3)
         report["timings_s"]["total"] = round(time.perf_counter() - t_total, 3)

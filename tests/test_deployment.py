@@ -1,0 +1,59 @@
+"""The deployment path users run: a real Prefect server and process worker on 127.0.0.1, prefect.yaml deployed,
+`prefect deployment run restore-video/default --watch`, and the MLflow run with its artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from infra.prefect_server import PrefectServer, ProcessWorker, deploy_all, run_deployment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+READ = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+async def main():
+    async with get_client() as c:
+        d = await c.read_deployment_by_name("restore-archive/nightly")
+        print(json.dumps({"schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in d.schedules],
+                          "parameters": d.parameters, "work_pool": d.work_pool_name}))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_deploy_all_and_run_default_deployment(tmp_path, sample_clip):
+    import subprocess
+    import sys
+
+    import mlflow
+
+    work = tmp_path / "work"
+    server_home = tmp_path / "prefect"
+    with PrefectServer(server_home) as server:
+        env = {**server.env(), "RESTORE_VIDEO_ROOT": str(ROOT), "RESTORE_VIDEO_WORK_ROOT": str(work),
+               "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
+        deploy_all(str(ROOT), env)
+        # the nightly archive deployment carries its cron schedule
+        r = subprocess.run([sys.executable, "-c", READ], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+        nightly = json.loads(r.stdout.strip().splitlines()[-1])
+        assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
+        assert nightly["work_pool"] == "restore-video-pool" and nightly["parameters"]["concurrency"] == 1
+        with ProcessWorker("restore-video-pool", env, cwd=str(ROOT)):
+            params = {"input": sample_clip, "frames": "0:4", "steps": 2, "out": str(tmp_path / "out"),
+                      "work_root": str(work), "executor": "inline"}
+            state, flow_run_id = run_deployment("restore-video/default", params, env, timeout=300)
+    assert state == "COMPLETED"
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["frames"] == 4 and report["method"] == "warped-diffusion"
+    mlflow.set_tracking_uri(report["mlflow_tracking_uri"])
+    run = mlflow.get_run(report["mlflow_run_id"])
+    assert run.data.tags["prefect_flow_run_id"] == flow_run_id
+    assert run.data.params["steps"] == "2" and "warping_error_pixel_first" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"restored.mp4", "comparison.mp4", "warping_error.png", "metrics.json", "config.json"} <= artifacts
