@@ -107,13 +107,7 @@ def archive(
                             uri=tracking.tracking_uri(work_root or DEFAULT_WORK_ROOT)) as parent:
         tracking.log_config({"input_prefix": input_prefix, "output_prefix": output_prefix, **flatten(settings)})
         if todo and executor == "ray":
-            from tasks.sample import SamplerPool
-
-            model = RestoreConfig(input="x", **settings).model_name
-            import torch
-
-            n = actors or (max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1)
-            pool = SamplerPool(model, size=n)
+            pool = _LazySamplerPool(RestoreConfig(input="x", **settings).model_name, actors)
 
         def restore_one(item: dict) -> dict:
             from flows.restore_video import restore
@@ -149,6 +143,29 @@ def archive(
                "mlflow_run_id": parent.info.run_id, "rows": rows}
     _table_artifact(rows)
     return summary
+
+
+class _LazySamplerPool:
+    """Ray sampler actors started on the first video that reaches sampling (bad videos never pay for Ray)."""
+
+    def __init__(self, model: str, actors: int | None):
+        self.model, self.actors, self.pool = model, actors, None
+        self.lock = threading.Lock()
+
+    def sample(self, request: dict, progress=None) -> dict:
+        with self.lock:
+            if self.pool is None:
+                import torch
+
+                from tasks.sample import SamplerPool
+
+                n = self.actors or (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+                self.pool = SamplerPool(self.model, size=max(1, n))
+        return self.pool.sample(request, progress=progress)
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _write_manifest(url: str, manifest: list[dict], opts: dict) -> None:
