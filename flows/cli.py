@@ -108,25 +108,31 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_serve(args) -> int:
-    import time
-
     from infra.prefect_server import PrefectServer, ProcessWorker, deploy_all
-    from infra.tracking import MlflowUI, tracking_uri
+    from infra.tracking import MlflowUI
     from flows.config import DEFAULT_WORK_ROOT
 
     home = PROJECT_ROOT / ".prefect-server"
-    with PrefectServer(home) as server, ProcessWorker("restore-video-pool", server.env()), MlflowUI(tracking_uri(DEFAULT_WORK_ROOT)) as ui:
-        deploy_all(str(PROJECT_ROOT), server.env())
-        print(f"Prefect UI   {server.api_url.removesuffix('/api')}")
-        print(f"Prefect API  {server.api_url}   (export PREFECT_API_URL={server.api_url})")
-        print(f"MLflow UI    {ui.url}")
-        print("deployments: restore-video/default, restore-archive/nightly   (Ctrl-C to stop)")
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    with PrefectServer(home, ui=True) as server:
+        env = {**server.env(), "RESTORE_VIDEO_ROOT": str(PROJECT_ROOT), "RAY_AUTH_MODE": "disabled"}
+        deploy_all(str(PROJECT_ROOT), env)
+        with ProcessWorker("restore-video-pool", env, cwd=str(PROJECT_ROOT)), MlflowUI(DEFAULT_WORK_ROOT) as ui:
+            _serve_forever(server, ui)
     return 0
+
+
+def _serve_forever(server, ui) -> None:
+    import time
+
+    print(f"Prefect UI   {server.api_url.removesuffix('/api')}")
+    print(f"Prefect API  {server.api_url}   (export PREFECT_API_URL={server.api_url})")
+    print(f"MLflow UI    {ui.url}")
+    print("deployments: restore-video/default, restore-archive/nightly   (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
 
 
 def cmd_archive(args) -> int:
