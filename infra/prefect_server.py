@@ -7,13 +7,40 @@ sqlite DB (`prefect.db`) is the server's database.
     with PrefectServer(tmp / "prefect") as server, ProcessWorker("local", server.env()):
         deploy_all(project_dir, server.env())
         state, flow_run_id = run_deployment("flow/deployment", {"x": 1}, server.env())
+
+A prefect.yaml that a process worker can run from the local checkout (tested in
+tests/test_infra_prefect.py):
+
+    name: restore-video
+    prefect-version: 3.8.7
+    build: null
+    push: null
+    pull:                                  # run by the worker before each flow run
+      - prefect.deployments.steps.set_working_directory:
+          directory: "{{ $PWD }}"          # resolved at deploy time -> absolute path of the checkout
+    deployments:
+      - name: default
+        entrypoint: flows/restore_video.py:restore_video   # file path relative to that dir : function
+        parameters: {steps: 20}            # defaults; `--params` / `--param` override per run
+        work_pool: {name: local}           # must exist before `prefect --no-prompt deploy` (deploy_all creates it)
+      - name: nightly
+        entrypoint: flows/restore_archive.py:restore_archive
+        schedules:
+          - cron: "0 3 * * *"
+            timezone: UTC
+            active: true
+        work_pool: {name: local}
+
+The flow name in `run_deployment("<flow name>/<deployment name>")` is the @flow's name
+(function name with `_` -> `-` unless `@flow(name=...)`). Without a `pull` section, `prefect deploy`
+adds the same set_working_directory step with its own cwd. The worker's flow-run subprocess has
+that directory on sys.path, so packages beside the entrypoint (ops/, tasks/) import.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -234,6 +261,8 @@ def deploy_all(project_dir: str | os.PathLike, env: dict[str, str], timeout: flo
     if create_pools:
         for pool in work_pools_in(Path(project_dir) / "prefect.yaml"):
             create_work_pool(pool, env, create_pools)
+    # PWD as a shell would set it, so prefect.yaml can say `directory: "{{ $PWD }}"` (resolved at deploy time)
+    env = {**env, "PWD": str(Path(project_dir).resolve())}
     r = subprocess.run([*prefect_cmd(), "--no-prompt", "deploy", "--all"], cwd=project_dir, env=_child_env(env),
                        capture_output=True, text=True, timeout=timeout)
     out = r.stdout + r.stderr

@@ -1,12 +1,10 @@
 """A real Prefect server + process worker on 127.0.0.1: deploy from prefect.yaml, run with --watch."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -18,13 +16,15 @@ FLOW = '''
 from pathlib import Path
 from prefect import flow
 
+from helpers.mathx import double  # a package at the project root, beside pipeline/: must be importable
+
 
 @flow(log_prints=True)
 def write_value(out: str, value: int = 1, fail: bool = False) -> int:
     """Write 2 * value to `out` (the test's side effect); raise if `fail`."""
     if fail:
         raise ValueError("asked to fail")
-    Path(out).write_text(str(2 * value))
+    Path(out).write_text(str(double(value)))
     print(f"wrote {2 * value} to {out}")
     return 2 * value
 '''
@@ -35,10 +35,11 @@ prefect-version: 3.8.7
 build: null
 push: null
 # The process worker runs each flow run in a subprocess; this step makes it cd into the project
-# so that `entrypoint` (a path relative to it) is importable.
+# so that `entrypoint` (a path relative to it) and the packages beside it are importable.
+# {{{{ $PWD }}}} is resolved when `prefect deploy` runs (in the project dir) and stored as an absolute path.
 pull:
   - prefect.deployments.steps.set_working_directory:
-      directory: {project}
+      directory: "{{{{ $PWD }}}}"
 deployments:
   - name: write
     entrypoint: pipeline/tiny_flow.py:write_value
@@ -90,6 +91,9 @@ def test_deploy_and_run_with_process_worker(tmp_path):
     project = tmp_path / "project"
     (project / "pipeline").mkdir(parents=True)
     (project / "pipeline" / "tiny_flow.py").write_text(FLOW)
+    (project / "helpers").mkdir()
+    (project / "helpers" / "__init__.py").write_text("")
+    (project / "helpers" / "mathx.py").write_text("def double(x):\n    return 2 * x\n")
     (project / "prefect.yaml").write_text(PREFECT_YAML.format(project=project))
     out = tmp_path / "result.txt"
 
