@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from infra._proc import free_port, stop_group, wait_http
@@ -186,7 +187,7 @@ class ProcessWorker:
                  stop_timeout: float = 10.0, limit: int | None = None):
         self.pool = pool
         self.env = dict(env)
-        self.name = name or f"{pool}-worker-{os.getpid()}"
+        self.name = name or f"{pool}-worker-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.cwd = Path(cwd) if cwd else Path(self.env.get("PREFECT_HOME", "."))
         self.log_path = Path(log_path) if log_path else Path(self.env.get("PREFECT_HOME", ".")) / f"worker-{pool}.log"
         self.startup_timeout = startup_timeout
@@ -210,7 +211,7 @@ class ProcessWorker:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             text = self.log_tail(offset=offset)
-            if "started!" in text or "Worker" in text and "started" in text:
+            if "started!" in text:  # "Worker '<name>' started!"
                 break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
