@@ -67,9 +67,14 @@ def row_key(run: dict) -> str:
 
 def _order(key: str) -> tuple:
     """Paper order: methods as in METHODS (warped-diffusion first), GP models before white, sweep by steps, lambda."""
+    import re
+
+    sweep = re.fullmatch(r"λ=([-\d.e]+) steps=(\d+)", key)
+    if sweep:
+        return (False, -1, int(sweep.group(2)), float(sweep.group(1)), key)
     base, _, variant = key.partition("/")
     rank = METHODS.index(base) if base in METHODS else len(METHODS)
-    return (variant == "white", rank, key)
+    return (variant == "white", rank, 0, 0.0, key)
 
 
 def _std(values: np.ndarray) -> float:

@@ -1,0 +1,60 @@
+"""flows.experiments: the configuration grids (no model needed) and the shift clip's exact translation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows import compare, experiments
+from flows.config import METHODS, RestoreConfig
+
+
+def test_shift_inpaint_grid_is_methods_x_models_x_seeds(tmp_path):
+    specs = experiments.experiment_grid("shift-inpaint", "clip.mkv", seeds=2, work_root=str(tmp_path))
+    assert len(specs) == len(METHODS) * 2 * 2
+    cells = {(s.config["method"], s.config["model"], s.config["seed"]) for s in specs}
+    assert cells == {(m, model, seed) for m in METHODS for model in ("inpaint-gp", "inpaint-white") for seed in (0, 1)}
+    for s in specs:
+        assert s.row == (f"{s.config['method']}/white" if s.config["model"] == "inpaint-white" else s.config["method"])
+        assert s.tags[compare.ROW_TAG] == s.row
+        cfg = RestoreConfig(**s.config)
+        assert (cfg.task, cfg.mode, cfg.executor) == ("inpaint", "benchmark", "inline")
+        assert cfg.flow_backend == f"shift:{experiments.SHIFT_PX[0]},{experiments.SHIFT_PX[1]}"
+    assert len({s.config["out"] for s in specs}) == len(specs)  # every run writes its own outputs
+
+
+def test_video_sr_grid_every_method():
+    specs = experiments.experiment_grid("video-sr", "clip.mp4", frames=12, steps=20)
+    assert [s.config["method"] for s in specs] == list(METHODS)
+    assert all(s.config["task"] == "sr8" and s.config["flow_backend"] == "dis" and s.config["frames"] == "0:12"
+               and s.config["steps"] == 20 for s in specs)
+
+
+def test_guidance_sweep_grid_lambdas_x_steps():
+    specs = experiments.experiment_grid("guidance-sweep", "clip.mp4")
+    assert {(s.config["guidance"], s.config["steps"]) for s in specs} == {
+        (lam, n) for lam in (0, 0.25, 0.5, 1, 2) for n in (25, 50)}
+    assert len(specs) == 10 and all(s.config["method"] == "warped-diffusion" for s in specs)
+    assert specs[0].config["frames"] == f"0:{experiments.SWEEP_FRAMES}"
+    rows = [s.row for s in specs]
+    assert sorted(rows, key=compare._order) == [f"λ={lam:g} steps={n}" for n in (25, 50) for lam in (0, 0.25, 0.5, 1, 2)]
+    only = experiments.experiment_grid("guidance-sweep", "clip.mp4", steps=10)
+    assert {s.config["steps"] for s in only} == {10}
+
+
+def test_unknown_experiment_and_seeds():
+    with pytest.raises(ValueError, match="unknown experiment"):
+        experiments.experiment_grid("nope", "clip.mp4")
+    with pytest.raises(ValueError, match="seeds"):
+        experiments.experiment_grid("video-sr", "clip.mp4", seeds=0)
+
+
+def test_shift_clip_is_an_exact_lossless_translation(tmp_path):
+    from storage.video import read_video
+
+    dx, dy = experiments.SHIFT_PX
+    path = experiments.make_shift_clip(str(tmp_path / "shift.mkv"), size=64, frames=8)
+    frames, _ = read_video(path)
+    assert frames.shape == (8, 64, 64, 3)
+    for j in range(1, 8):  # content moves by +dx: frame j at x + dx equals frame j-1 at x
+        np.testing.assert_array_equal(frames[j][:, dx:], frames[j - 1][:, : 64 - dx])
