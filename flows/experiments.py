@@ -117,6 +117,13 @@ def experiment_grid(name: str, input: str, frames: int | None = None, steps: int
     return specs
 
 
+def _restore(cfg, parent_run_id: str) -> dict:
+    """flows.restore_video.restore, imported late (its stages import torch, zarr, the models)."""
+    from flows.restore_video import restore
+
+    return restore(cfg, parent_run_id=parent_run_id)
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str):
     old = os.environ.get(name)
@@ -151,7 +158,6 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
 
     from flows import compare
     from flows.config import RestoreConfig
-    from flows.restore_video import restore
     from infra import tracking
 
     work_root = work_root or DEFAULT_WORK_ROOT
@@ -172,7 +178,7 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
         client = MlflowClient(tracking_uri=uri)
         for i, (spec, cfg) in enumerate(zip(specs, configs), 1):
             t = time.perf_counter()
-            report = restore(cfg, parent_run_id=parent.info.run_id)
+            report = _restore(cfg, parent.info.run_id)
             for k, v in spec.tags.items():
                 client.set_tag(report["mlflow_run_id"], k, str(v))
             seconds = time.perf_counter() - t

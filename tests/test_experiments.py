@@ -58,3 +58,55 @@ def test_shift_clip_is_an_exact_lossless_translation(tmp_path):
     assert frames.shape == (8, 64, 64, 3)
     for j in range(1, 8):  # content moves by +dx: frame j at x + dx equals frame j-1 at x
         np.testing.assert_array_equal(frames[j][:, dx:], frames[j - 1][:, : 64 - dx])
+
+
+def test_run_experiment_nests_runs_and_prints_json(tmp_path, monkeypatch, capsys):
+    """run_experiment + experiment_cli with a stand-in restore (real MLflow): one parent, nested tagged children,
+    compare artifacts on the parent, `--json` = per-row means over seeds."""
+    import argparse
+    import json
+
+    import mlflow
+
+    from infra import tracking
+
+    def fake_restore(cfg, parent_run_id):
+        import os
+
+        we = {"warped-diffusion": 0.001, "gp": 0.05}.get(cfg.method, 0.1) * (1 + cfg.seed)
+        with tracking.start_run(os.environ["RESTORE_VIDEO_EXPERIMENT"], f"x:{cfg.method}", parent_run_id=parent_run_id,
+                                tags={"method": cfg.method, "model": cfg.model_name},
+                                uri=tracking.tracking_uri(cfg.work_root)) as run:
+            tracking.log_config(cfg.model_dump(mode="json"))
+            mlflow.log_metrics({"warping_error_pixel_first": we, "warping_error_pixel_prev": we / 2, "psnr": 20.0 + cfg.seed,
+                                "ssim": 0.5})
+            tracking.log_series(compare.PER_FRAME_METRIC, [we] * 3)
+        return {"mlflow_run_id": run.info.run_id, "warping_error": {"pixel_first": we, "pixel_prev": we / 2},
+                "psnr": 20.0 + cfg.seed, "ssim": 0.5, "cached": {"sample": False}}
+
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(experiments, "_restore", fake_restore)
+    try:
+        args = argparse.Namespace(name="video-sr", input=str(tmp_path / "clip.mp4"), frames=None, steps=2, seeds=2, work_root=str(tmp_path), json=True)
+        assert experiments.experiment_cli(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert list(out) == list(METHODS)
+        assert out["gp"]["warping_error_pixel_first"] == pytest.approx(0.05 * 1.5)  # mean over seeds 0, 1
+        assert out["warped-diffusion"]["psnr"] == pytest.approx(20.5)
+        assert set(out["gp"]) == {"warping_error_pixel_first", "warping_error_pixel_prev", "psnr", "ssim"}
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking.tracking_uri(str(tmp_path)))
+        exp = client.get_experiment_by_name("video-sr")
+        runs = client.search_runs([exp.experiment_id])
+        parents = [r for r in runs if r.data.tags.get(compare.ROLE_TAG) == "experiment-parent"]
+        assert len(parents) == 1
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+        assert len(children) == len(METHODS) * 2
+        assert {r.data.tags[compare.ROW_TAG] for r in children} == set(METHODS)
+        names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
+        assert "compare/warping_error_per_frame.png" in names and "compare/table.md" in names
+    finally:
+        mlflow.set_tracking_uri(previous)
