@@ -37,6 +37,8 @@ def run_one(name: str, timeout: float = 3600) -> dict:
 def describe(name: str) -> str:
     """First paragraph of the benchmark module's docstring."""
     spec = importlib.util.find_spec(f"bench.{name}")
+    if spec is None:
+        return ""
     text = Path(spec.origin).read_text()
     doc = text.split('"""')[1] if text.lstrip().startswith('"""') else ""
     return " ".join(doc.strip().split("\n\n")[0].split())
