@@ -18,7 +18,8 @@ def test_shift_inpaint_grid_is_methods_x_models_x_seeds(tmp_path):
         assert s.row == (f"{s.config['method']}/white" if s.config["model"] == "inpaint-white" else s.config["method"])
         assert s.tags[compare.ROW_TAG] == s.row
         cfg = RestoreConfig(**s.config)
-        assert (cfg.task, cfg.mode, cfg.executor) == ("inpaint", "benchmark", "inline")
+        assert (cfg.task, cfg.mode, cfg.executor) == ("inpaint", "restore", "inline")
+        assert cfg.mask == experiments.mask_path("clip.mkv", cfg.seed)  # the hole moves with the content
         assert cfg.flow_backend == f"shift:{experiments.SHIFT_PX[0]},{experiments.SHIFT_PX[1]}"
     assert len({s.config["out"] for s in specs}) == len(specs)  # every run writes its own outputs
 
@@ -49,15 +50,22 @@ def test_unknown_experiment_and_seeds():
         experiments.experiment_grid("video-sr", "clip.mp4", seeds=0)
 
 
-def test_shift_clip_is_an_exact_lossless_translation(tmp_path):
+def test_shift_clip_and_masks_are_exact_lossless_translations(tmp_path):
     from storage.video import read_video
 
     dx, dy = experiments.SHIFT_PX
-    path = experiments.make_shift_clip(str(tmp_path / "shift.mkv"), size=64, frames=8)
-    frames, _ = read_video(path)
+    assert (dx % 8, dy % 8) == (0, 0)  # whole latent pixels, as in the paper
+    made = experiments.make_shift_clip(str(tmp_path / "shift.mkv"), size=64, frames=8, mask_seeds=(0, 1))
+    frames, _ = read_video(made["clip"])
     assert frames.shape == (8, 64, 64, 3)
-    for j in range(1, 8):  # content moves by +dx: frame j at x + dx equals frame j-1 at x
+    masks = [read_video(made["masks"][s])[0][..., 0] > 127 for s in (0, 1)]
+    assert masks[0].any() and not (masks[0] == masks[1]).all()  # a hole, drawn from the seed
+    for j in range(1, 8):  # content and hole move by +dx: frame j at x + dx equals frame j-1 at x
         np.testing.assert_array_equal(frames[j][:, dx:], frames[j - 1][:, : 64 - dx])
+        np.testing.assert_array_equal(masks[0][j][:, dx:], masks[0][j - 1][:, : 64 - dx])
+    assert all(m.sum() == masks[0][0].sum() for m in masks[0])  # the hole stays in view in every frame
+    with pytest.raises(ValueError, match="leaves"):
+        experiments.make_shift_clip(str(tmp_path / "x.mkv"), size=128, frames=40)
 
 
 def test_run_experiment_nests_runs_and_prints_json(tmp_path, monkeypatch, capsys):
