@@ -1,0 +1,240 @@
+"""Denoisers in the EDM / Karras form D(x, sigma, cond) -> x0_hat, and latent-autoencoder wrappers.
+
+* `EDMDenoiser`: our own `diffusers.UNet2DModel` with Karras et al. 2022 preconditioning (Table 1):
+  D = c_skip x + c_out F(concat[c_in x, cond], c_noise), c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2),
+  c_in = 1/sqrt(s^2+sd^2), c_noise = log(s)/4 (times `time_scale`, since diffusers' sinusoidal embedding
+  resolves integer-scale timesteps).
+* `VPDenoiser`: a diffusers UNet2DModel / UNet2DConditionModel trained as a discrete VP model (epsilon or
+  v prediction) with its scheduler's alphas_cumprod, run in VE form as k-diffusion's `external.py` does:
+  x_vp = x sqrt(abar) = x / sqrt(1 + s^2), s = sqrt((1 - abar)/abar), timestep = interpolation of the
+  s -> t table in log s. Channel-concatenation conditioning; optional prompt embeddings.
+* `DiffusersAutoencoder`: AutoencoderKL / AutoencoderTiny with its scaling (and shift) factor, images in [0, 1].
+
+Every denoiser treats batch elements independently and is differentiable w.r.t. x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float):
+    """(c_skip, c_out, c_in) of Karras et al. 2022, Table 1, broadcastable to (B, 1, 1, 1)."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s * sigma_data / torch.sqrt(s**2 + sigma_data**2)
+    c_in = 1 / torch.sqrt(s**2 + sigma_data**2)
+    return c_skip, c_out, c_in
+
+
+def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
+    if sigma.numel() == 1:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]}")
+    return sigma
+
+
+def _concat(x_in: torch.Tensor, cond, expected: int) -> torch.Tensor:
+    inp = x_in if cond is None else torch.cat([x_in, cond.to(x_in.dtype)], dim=1)
+    if inp.shape[1] != expected:
+        raise ValueError(f"the UNet takes {expected} input channels but x ({x_in.shape[1]}) + cond "
+                         f"({0 if cond is None else cond.shape[1]}) give {inp.shape[1]}")
+    return inp
+
+
+class EDMDenoiser(nn.Module):
+    """EDM-preconditioned UNet2DModel taking concat([c_in x, cond]); D(x, sigma, cond) -> x0_hat."""
+
+    def __init__(self, unet: nn.Module, sigma_data: float = 1.0, time_scale: float = 250.0):
+        super().__init__()
+        if not (sigma_data > 0):
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.unet = unet
+        self.sigma_data = float(sigma_data)
+        self.time_scale = float(time_scale)
+
+    def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = _sigma_batch(sigma, x)  # (B,)
+        c_skip, c_out, c_in = edm_scalings(sigma, self.sigma_data)
+        c_noise = self.time_scale * torch.log(sigma) / 4  # (B,)
+        inp = _concat(c_in * x, cond, self.unet.config.in_channels)
+        f = self.unet(inp, c_noise).sample  # (B, C, h, w)
+        return c_skip * x + c_out * f.to(x.dtype)
+
+
+class VPDenoiser(nn.Module):
+    """Discrete-time VP diffusers UNet (epsilon / v_prediction) as a VE denoiser D(x, sigma, cond).
+
+    `alphas_cumprod` (T,) comes from the model's scheduler; `encoder_hidden_states` (1 or B, L, D) are
+    prompt embeddings for a UNet2DConditionModel (zeros of the right shape when not given).
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 encoder_hidden_states: torch.Tensor | None = None):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.unet = unet
+        self.prediction_type = prediction_type
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        sigmas = ((1 - abar) / abar).sqrt()
+        self.register_buffer("sigmas", sigmas.float())  # (T,) increasing
+        self.register_buffer("log_sigmas", sigmas.log().float())
+        self.encoder_hidden_states = encoder_hidden_states
+        self.cross_attention = hasattr(unet.config, "cross_attention_dim") and unet.config.get("cross_attention_dim") is not None
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep: linear interpolation of the (log sigma -> t) table (k-diffusion DiscreteSchedule)."""
+        log_sigma = sigma.log().float()
+        dists = log_sigma[:, None] - self.log_sigmas[None, :]  # (B, T)
+        low = dists.ge(0).cumsum(dim=1).argmax(dim=1).clamp(max=self.log_sigmas.shape[0] - 2)
+        high = low + 1
+        lo, hi = self.log_sigmas[low], self.log_sigmas[high]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        return (1 - w) * low + w * high
+
+    def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = _sigma_batch(sigma, x)  # (B,)
+        s = sigma.reshape(-1, 1, 1, 1)
+        c_in = 1 / torch.sqrt(s**2 + 1)  # x_vp = x_ve * sqrt(abar)
+        t = self.sigma_to_t(sigma)
+        inp = _concat(c_in * x, cond, self.unet.config.in_channels)
+        kwargs = {}
+        if self.cross_attention:
+            ehs = encoder_hidden_states if encoder_hidden_states is not None else self.encoder_hidden_states
+            if ehs is None:
+                ehs = x.new_zeros(1, 77, self.unet.config.cross_attention_dim)
+            kwargs["encoder_hidden_states"] = ehs.to(x.dtype).expand(x.shape[0], -1, -1) if ehs.shape[0] == 1 else ehs.to(x.dtype)
+        out = self.unet(inp, t, **kwargs).sample.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out  # x0 = x_ve - sigma * eps
+        return x / (s**2 + 1) - s / torch.sqrt(s**2 + 1) * out  # x0 = alpha x_vp - sigma_vp v, in VE variables
+
+
+class DiffusersAutoencoder(nn.Module):
+    """AutoencoderKL / AutoencoderTiny: images in [0, 1] <-> latents * scaling_factor (minus shift_factor)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        self.shift_factor = float(vae.config.get("shift_factor", 0.0) or 0.0)
+        self.tiny = type(vae).__name__ == "AutoencoderTiny"
+        self.latent_channels = int(vae.config.latent_channels)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1) if not self.tiny else 2 ** int(
+            sum(1 for _ in vae.config.get("encoder_block_out_channels", vae.config.block_out_channels)) - 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, C, H/f, W/f) scaled latents (the mode of the posterior for KL)."""
+        x = images * 2 - 1
+        if self.tiny:
+            z = self.vae.encode(x).latents
+        else:
+            z = self.vae.encode(x).latent_dist.mode()
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B, 3, H, W) in [0, 1]."""
+        z = latents / self.scaling_factor + self.shift_factor
+        return ((self.vae.decode(z).sample + 1) / 2).clamp(0, 1)
+
+
+def build_unet(in_channels: int, out_channels: int, block_out_channels=(64, 128, 128), layers_per_block: int = 2,
+               attention: bool = True, sample_size: int = 32, norm_num_groups: int = 32):
+    """Our small UNet2DModel: down blocks with attention only at the lowest level (GroupNorm, no batch norm)."""
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D" if attention else "DownBlock2D"]
+    up = ["AttnUpBlock2D" if attention else "UpBlock2D"] + ["UpBlock2D"] * (n - 1)
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels,
+                       block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups,
+                       attention_head_dim=32, add_attention=attention)
+
+
+def pool_mask(mask: torch.Tensor, factor: int, mode: str = "avg") -> torch.Tensor:
+    """(B, 1, H, W) pixel mask -> (B, 1, H/f, W/f): fraction of hole pixels ('avg') or SD's 'nearest'."""
+    import torch.nn.functional as F
+
+    if mode == "avg":
+        return F.avg_pool2d(mask, factor)
+    if mode == "nearest":
+        return F.interpolate(mask, size=(mask.shape[-2] // factor, mask.shape[-1] // factor), mode="nearest")
+    raise ValueError(f"mask pooling must be 'avg' or 'nearest', got {mode!r}")
+
+
+class RestorationModel(nn.Module):
+    """Latent autoencoder + conditional denoiser: the one interface the pipeline calls.
+
+    Attributes: task ('sr8' | 'inpaint' | 'vae'), noise ('gp' | 'white' | None), factor (8), latent_channels,
+    sigma_min, sigma_max, card (dict), model_id (str).
+    encode(images (B,3,H,W) in [0,1]) -> (B,C,H/8,W/8); decode(latents) -> (B,3,H,W) in [0,1];
+    condition(degraded (B,3,H,W) in [0,1] [sr8: bicubic-upsampled low-res frame], mask (B,1,H,W) 1 = hole
+    or None) -> cond (B,Cc,H/8,W/8): sr8 encode(degraded); inpaint concat[pooled mask, encode(masked)] (SD
+    inpainting's channel order); denoise(x (B,C,h,w), sigma (B,), cond) -> x0_hat (EDM D(x, sigma, cond)).
+    With known_replace (our inpaint models), x0_hat in latent cells that hold no hole pixel is the encoded
+    known input itself (a hard constraint, still differentiable w.r.t. x in the other cells).
+    """
+
+    def __init__(self, autoencoder: nn.Module, denoiser: nn.Module | None, task: str, noise: str | None = None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, card: dict | None = None, model_id: str = "",
+                 mask_pool: str = "avg", known_replace: bool = False):
+        super().__init__()
+        if task not in ("sr8", "inpaint", "vae"):
+            raise ValueError(f"task must be 'sr8', 'inpaint' or 'vae', got {task!r}")
+        if noise not in ("gp", "white", None):
+            raise ValueError(f"noise must be 'gp', 'white' or None, got {noise!r}")
+        self.autoencoder = autoencoder
+        self.denoiser = denoiser
+        self.task, self.noise = task, noise
+        self.factor = int(autoencoder.factor)
+        self.latent_channels = int(autoencoder.latent_channels)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.card = dict(card or {})
+        self.model_id = model_id
+        self.mask_pool = mask_pool
+        self.known_replace = bool(known_replace)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents)
+
+    def condition(self, degraded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.task == "sr8":
+            return self.encode(degraded)
+        if self.task == "inpaint":
+            if mask is None:
+                raise ValueError("inpaint models need a mask (B, 1, H, W) with 1 = hole")
+            masked = degraded * (1 - mask) + 0.5 * mask
+            return torch.cat([pool_mask(mask, self.factor, self.mask_pool), self.encode(masked)], dim=1)
+        raise ValueError("a 'vae' model has no denoiser and takes no condition")
+
+    def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if self.denoiser is None:
+            raise ValueError(f"model {self.model_id!r} is an autoencoder only (task 'vae'); it has no denoiser")
+        d = self.denoiser(x, sigma, cond, **kwargs)
+        if self.known_replace and self.task == "inpaint":
+            # Latent cells without any hole pixel are known exactly: x0_hat there is the encoded input.
+            hole = (cond[:, :1] > 0).to(d.dtype)  # (B, 1, h, w)
+            d = hole * d + (1 - hole) * cond[:, 1:].to(d.dtype)
+        return d
+
+    def forward(self, x, sigma, cond=None, **kwargs):
+        return self.denoise(x, sigma, cond, **kwargs)
