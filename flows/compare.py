@@ -247,12 +247,14 @@ def plot_per_frame(curves: dict, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (steps, mean, std) in curves.items():
+    for i, (name, (steps, mean, std)) in enumerate(curves.items()):
         frames = np.asarray(steps) + 1  # per-frame warping errors start at frame 1 (frame 0 is the reference)
         mean, std = np.asarray(mean), np.asarray(std)
-        ax.plot(frames, mean, marker="o", ms=3, label=name, ls="--" if name.endswith("/white") else "-")
+        base = name.partition("/")[0]
+        color = f"C{METHODS.index(base)}" if base in METHODS else plt.cm.viridis(i / max(len(curves) - 1, 1))
+        ax.plot(frames, mean, marker="o", ms=3, label=name, color=color, ls="--" if name.endswith("/white") else "-")
         if std.any():
-            ax.fill_between(frames, mean - std, mean + std, alpha=0.15)
+            ax.fill_between(frames, np.clip(mean - std, mean.min() / 10, None), mean + std, color=color, alpha=0.12)
     ax.set_yscale("log")
     ax.set_xlabel("frame")
     ax.set_ylabel("warping error w.r.t. first frame (pixel)")

@@ -271,8 +271,8 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
                 tracking.log_series("per_frame_ssim", scores["per_frame_ssim"], run_id=run_id)
             seconds = time.perf_counter() - t
             we = report["warping_error"]
-            log(f"[{i}/{len(specs)}] {spec.row:28s} seed {cfg.seed}  WE pixel first {we['pixel_first']:.5f} prev "
-                f"{we['pixel_prev']:.5f}  PSNR {report.get('psnr', float('nan')):.2f}  SSIM {report.get('ssim', float('nan')):.4f}"
+            log(f"[{i}/{len(specs)}] {spec.row:28s} seed {cfg.seed}  WE pixel first {we['pixel_first']:.3g} prev "
+                f"{we['pixel_prev']:.3g}  PSNR {report.get('psnr', float('nan')):.2f}  SSIM {report.get('ssim', float('nan')):.4f}"
                 f"  ({seconds:.1f} s{', cached' if all(report['cached'].values()) else ''})")
             runs.append({"row": spec.row, "seed": cfg.seed, "run_id": run_id, "seconds": round(seconds, 2)})
         import mlflow
