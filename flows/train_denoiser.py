@@ -264,6 +264,20 @@ def eval_model(directory: Path, device: str = "cpu", steps: int = 32, mlflow_mod
     return {directory.name: card["eval"]}
 
 
+def _eval_logged(directory: Path, device: str, steps: int) -> dict:
+    """eval_model inside an MLflow run that also carries the card's training loss curve and the sample grid."""
+    ml = _mlflow(directory.parent)
+    if ml is None:
+        return eval_model(directory, device=device, steps=steps)
+    card = json.loads((directory / store.CARD).read_text())
+    with ml.start_run(run_name=f"eval-{directory.name}"):
+        ml.log_params({"model": directory.name, "task": card.get("task"), "noise": card.get("noise"),
+                       "train_steps": card.get("steps"), "train_device": card.get("device"), "eval_steps": steps})
+        for step, loss in card.get("loss_curve", []):
+            ml.log_metric("loss", loss, step=int(step))
+        return eval_model(directory, device=device, steps=steps, mlflow_module=ml)
+
+
 @flow(name="train-denoiser")
 def train_denoiser(task: str = "all", noise: str = "both", steps: int = 2000, batch: int = 16, crop: int = 128,
                    seed: int = 0, device: str = "cpu", out: str = "assets/models", resume: bool = False,
@@ -284,7 +298,7 @@ def train_denoiser(task: str = "all", noise: str = "both", steps: int = 2000, ba
             continue
         for nz in noises:
             if eval_only:
-                results.update(eval_model(out / f"{t}-{nz}", device=device, steps=eval_steps, mlflow_module=None))
+                results.update(_eval_logged(out / f"{t}-{nz}", device, eval_steps))
             else:
                 results.update(train_one(t, nz, out, steps, batch, crop, seed, device, resume, time_limit=time_limit,
                                          ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, eval_steps=eval_steps))
