@@ -162,8 +162,13 @@ def _load_ckpt(ckpt: Path, model, ema, opt, g_cpu, g_dev, device):
 def train_one(task: str, noise: str, out: Path, steps: int = 2000, batch: int = 16, crop: int = 128, seed: int = 0,
               device: str = "cpu", resume: bool = False, lr: float = 2e-4, ema_decay: float = 0.9995,
               p_mean: float = -1.2, p_std: float = 1.2, ckpt_dir: Path | None = None, ckpt_every: int = 1000,
-              log_every: int = 50, time_limit: float | None = None, eval_steps: int = 32, progress: bool = True) -> dict:
-    """Train one conditional denoiser; save <out>/<task>-<noise>/ with the EMA weights and its evaluated card."""
+              log_every: int = 50, time_limit: float | None = None, eval_steps: int = 32, progress: bool = True,
+              init: Path | None = None) -> dict:
+    """Train one conditional denoiser; save <out>/<task>-<noise>/ with the EMA weights and its evaluated card.
+
+    `init`: a saved model directory (same task, same architecture; its noise may differ) whose fp16 denoiser
+    weights start the run in float32 -- fine-tuning, e.g. a white-noise model from the GP one.
+    """
     from tqdm import tqdm
 
     name = f"{task}-{noise}"
@@ -178,6 +183,13 @@ def train_one(task: str, noise: str, out: Path, steps: int = 2000, batch: int = 
     card = _new_card(task, noise, vae, args)
     model = store.build_model(card, model_id=name)
     model.autoencoder.load_state_dict(vae.autoencoder.state_dict())
+    if init is not None:
+        src = store.load_own(init)
+        if src.task != task or src.card["denoiser"] != card["denoiser"]:
+            raise ValueError(f"--init {init}: task/denoiser config differ from {name}")
+        model.denoiser.load_state_dict({k: v.float() for k, v in src.denoiser.state_dict().items()})
+        card["training"]["init"] = {"from": src.card.get("name", Path(init).name), "steps": src.card.get("steps"),
+                                    "weights_sha256": src.card.get("weights_sha256")}
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.denoiser.parameters(), lr=lr)
@@ -282,8 +294,12 @@ def _eval_logged(directory: Path, device: str, steps: int) -> dict:
 def train_denoiser(task: str = "all", noise: str = "both", steps: int = 2000, batch: int = 16, crop: int = 128,
                    seed: int = 0, device: str = "cpu", out: str = "assets/models", resume: bool = False,
                    eval_only: bool = False, time_limit: float | None = None, ckpt_dir: str | None = None,
-                   eval_steps: int = 32) -> dict:
-    """Fit the autoencoder (task vae/all) and train or evaluate the denoisers -> {name: eval}."""
+                   eval_steps: int = 32, lr: float = 2e-4, init: str | None = None) -> dict:
+    """Fit the autoencoder (task vae/all) and train or evaluate the denoisers -> {name: eval}.
+
+    `init`: fine-tune from saved models instead of from scratch: a directory holding <task>-<noise>/ models,
+    optionally followed by ':gp' or ':white' to start every noise from that noise's model (e.g. 'assets/models:gp').
+    """
     out = Path(out)
     tasks = ["vae", "sr8", "inpaint"] if task == "all" else [task]
     noises = ["gp", "white"] if noise == "both" else [noise]
@@ -300,8 +316,13 @@ def train_denoiser(task: str = "all", noise: str = "both", steps: int = 2000, ba
             if eval_only:
                 results.update(_eval_logged(out / f"{t}-{nz}", device, eval_steps))
             else:
-                results.update(train_one(t, nz, out, steps, batch, crop, seed, device, resume, time_limit=time_limit,
-                                         ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, eval_steps=eval_steps))
+                init_dir = None
+                if init:
+                    base, _, src_noise = init.partition(":")
+                    init_dir = Path(base) / f"{t}-{src_noise or nz}"
+                results.update(train_one(t, nz, out, steps, batch, crop, seed, device, resume, lr=lr, time_limit=time_limit,
+                                         ckpt_dir=Path(ckpt_dir) if ckpt_dir else None, eval_steps=eval_steps,
+                                         init=init_dir))
     return results
 
 
@@ -319,6 +340,9 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--ckpt-dir", default=None, help="checkpoints (default <repo>/.cache/train-denoiser)")
     p.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--eval-steps", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (200-step warm-up, then cosine to 5%%)")
+    p.add_argument("--init", default=None,
+                   help="fine-tune from saved models: DIR holding <task>-<noise>/, or DIR:gp / DIR:white for one source noise")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--no-prefect", action="store_true", help="run the flow body as a plain function")
@@ -326,7 +350,7 @@ def cli(argv: list[str]) -> int:
     fn = getattr(train_denoiser, "fn", train_denoiser) if a.no_prefect else train_denoiser
     res = fn(task=a.task, noise=a.noise, steps=a.steps, batch=a.batch, crop=a.crop, seed=a.seed, device=a.device,
              out=a.out, resume=a.resume, eval_only=a.eval_only, time_limit=a.time_limit, ckpt_dir=a.ckpt_dir,
-             eval_steps=a.eval_steps)
+             eval_steps=a.eval_steps, lr=a.lr, init=a.init)
     print(json.dumps(res, indent=2))
     return 0
 
