@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import threading
 from typing import Any, Iterable, Sequence
 
 __all__ = ["ensure_ray", "default_temp_dir", "ModelActorPool"]
@@ -42,8 +43,43 @@ def ensure_ray(temp_dir: str | None = None, address: str | None = None, num_cpus
     if len(temp_dir) > 60:
         raise ValueError(f"Ray temp dir {temp_dir!r} is too long for Unix socket paths (keep it under ~60 chars)")
     os.makedirs(temp_dir, exist_ok=True)
-    return ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                    ignore_reinit_error=True, _temp_dir=temp_dir)
+    start = lambda: ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                             ignore_reinit_error=True, _temp_dir=temp_dir)
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    return _start_in_keeper_thread(start)
+
+
+_KEEPER_LOCK = threading.Lock()
+
+
+def _start_in_keeper_thread(start):
+    """Run `start()` (ray.init) in a daemon thread that never exits, and wait for it.
+
+    Ray starts gcs_server and raylet with PR_SET_PDEATHSIG, which Linux fires when the *thread* that
+    spawned them exits, not the process. Started from a pool thread (restore-archive's workers, Prefect
+    task threads), the local cluster would be SIGKILLed as soon as that thread finished.
+    """
+    import ray
+
+    with _KEEPER_LOCK:
+        if ray.is_initialized():
+            return None
+        done, result = threading.Event(), {}
+
+        def keeper():
+            try:
+                result["context"] = start()
+            except BaseException as exc:  # re-raised in the caller
+                result["error"] = exc
+            done.set()
+            threading.Event().wait()  # live as long as the process: Ray's daemons die with this thread
+
+        threading.Thread(target=keeper, name="ray-keeper", daemon=True).start()
+        done.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["context"]
 
 
 class _Host:

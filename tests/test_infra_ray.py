@@ -74,3 +74,35 @@ def test_actor_errors_propagate(ray_local):
     with ModelActorPool(TinyModel, args=(8,), num_cpus=1) as pool:
         with pytest.raises(ray.exceptions.RayTaskError):
             pool.map("run", ["not a seed"])
+
+
+_THREAD_START = r"""
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import ray
+from infra.ray_pool import ensure_ray
+
+starter = threading.Thread(target=ensure_ray, kwargs={{"temp_dir": {temp!r}, "num_cpus": 1}})
+starter.start(); starter.join(); time.sleep(2)  # the thread that started Ray is gone
+
+@ray.remote(num_cpus=1)
+def square(x):
+    return x * x
+
+print("result", ray.get(square.remote(7), timeout=60))
+"""
+
+
+def test_ray_started_from_a_thread_outlives_it(tmp_path):
+    """restore-archive starts Ray from a pool thread; the local cluster must survive that thread's exit
+    (Ray's daemons use PR_SET_PDEATHSIG, which fires on the spawning *thread's* exit)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    temp = f"/tmp/rv-ray-t{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = _THREAD_START.format(root=root, temp=temp)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "result 49" in done.stdout, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
