@@ -102,6 +102,7 @@ def list_videos(prefix_url: str, glob: str = VIDEO_GLOB, storage_options: dict |
     """
     fs, root = fsspec.core.url_to_fs(prefix_url, **(storage_options or {}))
     root = root.rstrip("/")
+    fs.invalidate_cache(root)  # fsspec instances are shared per process: a stale listing would miss new uploads
     if not fs.exists(root):
         raise FileNotFoundError(f"{prefix_url}: no such folder/prefix — check the URL and credentials.")
     regexes = [_glob_regex(p) for p in _expand_braces(glob)]
@@ -109,7 +110,9 @@ def list_videos(prefix_url: str, glob: str = VIDEO_GLOB, storage_options: dict |
     out = []
     for path in fs.find(root):
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path
-        if any(part.startswith(".") for part in rel.split("/")):
+        # hidden and temporary files (".tmp-*", ".DS_Store") are skipped; a literal ".." component of an
+        # object-store key ("in/../clip.mp4") is a real object under the prefix, kept (its output name is made safe)
+        if any(part.startswith(".") and part not in (".", "..") for part in rel.split("/")):
             continue
         if any(r.match(rel) for r in regexes):
             out.append(fs.unstrip_protocol(path) if keep_protocol else path)

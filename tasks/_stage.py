@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from storage.artifacts import ArtifactStore, artifact_key
+from storage.artifacts import ArtifactStore, artifact_key, canonical_json
 
 # Bump a stage's version when its code changes what it writes: old artifacts are then not reused.
 VERSIONS = {
@@ -21,13 +22,13 @@ VERSIONS = {
 
 
 @lru_cache(maxsize=16)
-def _store(root: str, options_key: tuple) -> ArtifactStore:
-    return ArtifactStore(root, dict(options_key))
+def _store(root: str, options_json: str) -> ArtifactStore:
+    return ArtifactStore(root, json.loads(options_json))
 
 
 def store_for(work_root: str, storage_options: dict | None = None) -> ArtifactStore:
-    """One ArtifactStore per (root, options) in a process."""
-    return _store(work_root, tuple(sorted((storage_options or {}).items(), key=lambda kv: kv[0])))
+    """One ArtifactStore per (root, options) in a process; options may nest (s3fs `client_kwargs`)."""
+    return _store(work_root, canonical_json(storage_options or {}))
 
 
 def stage_key(stage: str, params: dict, upstream: dict[str, str]) -> str:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
-import torch
+_LOAD_LOCK = threading.Lock()
+
+
+def get_model(name: str, device: str = "cpu"):
+    """The loaded model, once per process even when several threads (restore-archive) ask at once.
+
+    The lock also keeps diffusers' lazy module imports single-threaded: two threads importing
+    `diffusers.UNet2DModel` at the same moment can see a half-initialised module (ImportError).
+    """
+    with _LOAD_LOCK:
+        return _load(name, device)
 
 
 @lru_cache(maxsize=4)
-def get_model(name: str, device: str = "cpu"):
+def _load(name: str, device: str):
     from storage.models import load_model
 
     model = load_model(name, device=device)

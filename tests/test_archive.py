@@ -46,7 +46,7 @@ def test_archive_on_s3(s3_server, s3_bucket, clips, tmp_path):
 
     first = run()
     status = {r["input"].rsplit("/", 1)[-1]: r for r in first["rows"]}
-    assert first["restored"] == 4 and first["failed"] == 2 and first["skipped"] == 0, first["rows"]
+    assert first["restored"] == 4 and first["failed"] == 2 and first["skipped"] == 0, "\n".join(f"{r['input']}: {r['status']} {r.get('reason', '')[:80]}" for r in first["rows"])
     assert "empty" in status["empty.mp4"]["reason"].lower()
     assert "truncated" in status["truncated.mp4"]["reason"] or "corrupt" in status["truncated.mp4"]["reason"]
     keys = _keys(s3_server, bucket)
