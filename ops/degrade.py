@@ -33,6 +33,26 @@ def upsample(lr: torch.Tensor, factor: int = 8) -> torch.Tensor:
     return F.interpolate(lr, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0, 1)
 
 
+def back_project(images: torch.Tensor, low_res: torch.Tensor, factor: int = 8, iterations: int = 5) -> torch.Tensor:
+    """Data consistency for x`factor` SR: iterative back-projection (Irani & Peleg 1991) -> (B, C, H, W) in [0, 1].
+
+    x <- x + up(y - down(x)) until down(x) reproduces the low-res input y (B, C, H/f, W/f): the restoration's
+    low frequencies come from the input, its high frequencies from the generative model (the range/null-space
+    split of DDNM, Wang et al. 2023). `down` is `downsample` without the clamp, `up` bicubic.
+    """
+    _check_images("images", images)
+    _check_images("low_res", low_res)
+    if images.shape[-2:] != (low_res.shape[-2] * factor, low_res.shape[-1] * factor) or images.shape[:2] != low_res.shape[:2]:
+        raise ValueError(f"images {tuple(images.shape)} must be low_res {tuple(low_res.shape)} upscaled by {factor}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    x = images
+    for _ in range(iterations):
+        residual = low_res - F.interpolate(x, size=low_res.shape[-2:], mode="bicubic", antialias=True, align_corners=False)
+        x = x + F.interpolate(residual, scale_factor=factor, mode="bicubic", align_corners=False)
+    return x.clamp(0, 1)
+
+
 def _segment_distance(py: torch.Tensor, px: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Distance of grid points (H, W) to segments a->b (S, 2) as (y, x) -> (S, H, W)."""
     d = b - a  # (S, 2)

@@ -126,10 +126,13 @@ def evaluate(model, views: torch.Tensor, seed: int = 0, steps: int = 32, mismatc
     cond = model.condition(degraded, mask)
     shape = (views.shape[0], model.latent_channels, views.shape[-2] // model.factor, views.shape[-1] // model.factor)
 
+    low_res = degrade.downsample(views, model.factor) if model.task == "sr8" else None  # what the pipeline's decode sees
+
     def run(kind):
         gn = torch.Generator(device="cpu").manual_seed(seed + 1)
         noise = make_noise(kind, gn, shape).to(dev)
-        return model.decode(sample(model, cond, noise, steps))
+        out = model.decode(sample(model, cond, noise, steps))
+        return out if low_res is None else degrade.back_project(out, low_res, model.factor)  # as tasks/decode.py does
 
     out = run(model.noise)
     res = {"psnr": float(psnr(out, views).mean()), "views": int(views.shape[0]), "steps": steps}

@@ -17,7 +17,7 @@ VERSIONS = {
     "encode": "1",
     "generate_noise": "1",
     "sample": "1",
-    "decode": "1",
+    "decode": "2",  # 2: sr8 back-projection onto the low-res input
 }
 
 
