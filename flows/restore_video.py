@@ -27,9 +27,9 @@ from tasks import outputs
 from tasks import prepare as prepare_stage
 from tasks import sample as sample_stage
 from tasks._stage import StageRecord, store_for
-from tasks.models import get_model
+from tasks.models import model_info
 
-STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode")
+STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
 
 
 def check_output_writable(out: str, storage_options: dict) -> None:
@@ -133,14 +133,15 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend)
     records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
     # 4-5. conditioning latents and initial noise
-    model = get_model(cfg.model_name)
-    if model.task != cfg.task:
-        raise ValueError(f"model {cfg.model_name!r} was trained for task {model.task!r}, not {cfg.task!r}; pick a {cfg.task} model")
+    model = model_info(cfg.model_name)  # from the card: a fully cached run never loads the network
+    if model["task"] != cfg.task:
+        raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
     k_enc = encode_stage.encode_key(k_prep, cfg.model_name)
     records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name)
-    base = model.noise if model.noise in ("gp", "white") else "white"
-    k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, model.latent_channels, base)
-    records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, model.latent_channels, base)
+    base = model["noise"] if model["noise"] in ("gp", "white") else "white"
+    channels = model["latent_channels"]
+    k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
+    records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, channels, base)
     # 6. sampling (the expensive stage)
     k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
@@ -159,8 +160,8 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     restored = store.open("decode", k_dec).load()
     prepared = store.open("prepare", k_prep).load()
     extracted = store.open("extract_frames", k_extract)
-    latents = store.open("sample", k_sample)["latents"].values
-    computed = outputs.compute_metrics(restored, prepared, store.open("estimate_flow", k_flow).load(), latents)
+    k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
+    computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, k_dec, k_prep, k_flow, k_sample)
     fps = float(extracted.attrs["fps"])
     report = {
         "task": cfg.task,

@@ -204,6 +204,29 @@ def load_model(name_or_dir: str, device="cpu", **kwargs) -> RestorationModel:
     return load_diffusers(p, device, **kwargs)
 
 
+def model_identity(name_or_dir: str) -> dict:
+    """What identifies a model's weights in cache keys, read from its files without loading it.
+
+    Our models: name + sha256 of model.safetensors (a few MB). Diffusers directories: the resolved path +
+    (size, mtime) of every weights and config file (hashing multi-GB checkpoints on every run would cost more
+    than the cached stages save); replacing the weights in place changes the identity either way.
+    """
+    p = resolve(str(name_or_dir))
+    if (p / CARD).exists() and (p / WEIGHTS).exists():
+        card = json.loads((p / CARD).read_text())
+        digest = hashlib.sha256()
+        with open(p / WEIGHTS, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return {"model_id": card.get("name", p.name), "weights_sha256": digest.hexdigest()[:16]}
+    files = {}
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json"):
+            st = f.stat()
+            files[str(f.relative_to(p))] = [st.st_size, st.st_mtime_ns]
+    return {"model_id": f"diffusers:{p.resolve()}", "files": files}
+
+
 def list_models(root=None) -> dict:
     """{name: {"task", "noise", "params", "eval"}} for every model directory with a card under root."""
     root = Path(root) if root is not None else MODELS_ROOT

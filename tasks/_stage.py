@@ -18,6 +18,7 @@ VERSIONS = {
     "generate_noise": "1",
     "sample": "1",
     "decode": "2",  # 2: sr8 back-projection onto the low-res input
+    "metrics": "1",
 }
 
 

@@ -29,7 +29,21 @@ def _load(name: str, device: str):
 
 
 def model_identity(name: str) -> dict:
-    """What identifies a model's weights in cache keys: its id and card (weights hash where known)."""
+    """What identifies a model's weights in cache keys; reads files only, so a fully cached run loads no model."""
+    from storage.models import model_identity as identity
+
+    return identity(name)
+
+
+def model_info(name: str) -> dict:
+    """{"task", "noise", "latent_channels"} of a model: from our card without loading; diffusers dirs are loaded."""
+    import json
+
+    from storage.models import CARD, resolve
+
+    card_path = resolve(name) / CARD
+    if card_path.exists():
+        card = json.loads(card_path.read_text())
+        return {"task": card["task"], "noise": card.get("noise"), "latent_channels": int(card["autoencoder"]["latent_channels"])}
     model = get_model(name)
-    card = getattr(model, "card", {}) or {}
-    return {"model_id": getattr(model, "model_id", name), "weights": card.get("weights_sha256") or card.get("git_commit") or card.get("steps")}
+    return {"task": model.task, "noise": model.noise, "latent_channels": model.latent_channels}

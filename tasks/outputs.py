@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ import xarray as xr
 from ops import metrics
 from storage.artifacts import write_bytes_atomic, write_json_atomic
 from storage.video import write_video
+from tasks._stage import StageRecord, run_stage, stage_key
 
 
 def _float(frames: np.ndarray) -> torch.Tensor:
@@ -58,6 +60,21 @@ def compute_metrics(restored: xr.Dataset, prepared: xr.Dataset, flows: xr.Datase
             hole = torch.from_numpy(prepared["mask"].values[:, :h, :w]).bool()[:, None].expand_as(x)
             summary["hole_psnr"] = float(10 * torch.log10(1 / ((x - truth)[hole] ** 2).mean().clamp_min(1e-20)))
     return {"summary": summary, "per_frame": {k: [float(v) for v in t] for k, t in per_frame.items()}}
+
+
+def metrics_key(decode: str, prepare: str, flow: str, sample: str) -> str:
+    return stage_key("metrics", {}, {"decode": decode, "prepare": prepare, "estimate_flow": flow, "sample": sample})
+
+
+def cached_metrics(store, key: str, decode: str, prepare: str, flow: str, sample: str) -> tuple[dict, StageRecord]:
+    """compute_metrics as a content-addressed stage (the DESIGN's `metrics`): a rerun reads it back -> (result, record)."""
+    def compute() -> xr.Dataset:
+        result = compute_metrics(store.open("decode", decode).load(), store.open("prepare", prepare).load(),
+                                 store.open("estimate_flow", flow).load(), store.open("sample", sample)["latents"].values)
+        return xr.Dataset(attrs={"metrics_json": json.dumps(result)})
+
+    record = run_stage(store, "metrics", key, compute)
+    return json.loads(store.open("metrics", key).attrs["metrics_json"]), record
 
 
 def comparison_frames(restored: np.ndarray, prepared: xr.Dataset) -> np.ndarray:
