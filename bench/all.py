@@ -28,8 +28,11 @@ def run_one(name: str, timeout: float = 3600) -> dict:
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}",
                 "wall_s": wall}
-    lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
-    result = json.loads(lines[-1]) if lines else {"error": "no JSON output"}
+    lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{") and l.rstrip().endswith("}")]
+    try:
+        result = json.loads(lines[-1]) if lines else {"error": "no one-line JSON object in the output"}
+    except json.JSONDecodeError as exc:
+        result = {"error": f"unparsable JSON output: {exc}"}
     result["wall_s"] = wall
     return result
 

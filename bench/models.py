@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
         res["params"] = info["params"]
         res["meets_target"] = res["forward_ms_batch1"] <= 20.0
         out["models"][name] = res
-    print(json.dumps(out, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in out["models"].items()))
+    print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out["models"].items()))  # one line
     return out
 
 
