@@ -120,6 +120,8 @@ def archive(
                 result = {**item, "status": "restored", "reason": "", "mlflow_run_id": report["mlflow_run_id"],
                           "psnr": report.get("psnr"), "warping_error_pixel_first": report["warping_error"]["pixel_first"]}
             except Exception as exc:  # one bad video never stops the batch
+                from flows.restore_video import _logger
+
                 _logger().warning(f"restore-archive: {item['input']} failed", exc_info=True)
                 result = {**item, "status": "failed", "reason": f"{exc.__class__.__name__}: {exc}"}
             result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -167,17 +169,6 @@ class _LazySamplerPool:
     def shutdown(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
-
-
-def _logger():
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:
-        import logging
-
-        return logging.getLogger("restore-archive")
 
 
 def _write_manifest(url: str, manifest: list[dict], opts: dict) -> None:

@@ -161,7 +161,7 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     prepared = store.open("prepare", k_prep).load()
     extracted = store.open("extract_frames", k_extract)
     k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
-    computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, k_dec, k_prep, k_flow, k_sample)
+    computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, restored, prepared, k_flow, k_sample)
     fps = float(extracted.attrs["fps"])
     report = {
         "task": cfg.task,

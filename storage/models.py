@@ -207,18 +207,15 @@ def load_model(name_or_dir: str, device="cpu", **kwargs) -> RestorationModel:
 def model_identity(name_or_dir: str) -> dict:
     """What identifies a model's weights in cache keys, read from its files without loading it.
 
-    Our models: name + sha256 of model.safetensors (a few MB). Diffusers directories: the resolved path +
-    (size, mtime) of every weights and config file (hashing multi-GB checkpoints on every run would cost more
-    than the cached stages save); replacing the weights in place changes the identity either way.
+    Our models: name + the weights' sha256 that `save_model` records in the card. Diffusers directories: the
+    resolved path + (size, mtime) of every weights and config file (hashing multi-GB checkpoints on every run
+    would cost more than the cached stages save), so replacing their weights in place changes the identity.
     """
     p = resolve(str(name_or_dir))
-    if (p / CARD).exists() and (p / WEIGHTS).exists():
+    if (p / CARD).exists():
         card = json.loads((p / CARD).read_text())
-        digest = hashlib.sha256()
-        with open(p / WEIGHTS, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        return {"model_id": card.get("name", p.name), "weights_sha256": digest.hexdigest()[:16]}
+        return {"model_id": card.get("name", p.name),
+                "weights": card.get("weights_sha256") or card.get("git_commit") or card.get("steps")}
     files = {}
     for f in sorted(p.rglob("*")):
         if f.is_file() and f.suffix in (".safetensors", ".json"):

@@ -10,9 +10,9 @@ from prefect import task
 from ops import degrade
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 from tasks.models import get_model, model_identity
+from tasks.prepare import FACTOR
 
 BATCH = 8
-FACTOR = 8
 
 
 def decode_key(sample: str, prepare: str, model: str) -> str:
@@ -29,8 +29,7 @@ def compute(latents: np.ndarray, prepared: xr.Dataset, model_name: str) -> xr.Da
     images = torch.cat(out)  # (F, 3, H, W) in [0, 1]
     if prepared.attrs.get("task") == "sr8" and "input" in prepared:  # output, downsampled, reproduces the input
         low = torch.from_numpy(prepared["input"].values).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, h, w)
-        if images.shape[-2:] == (low.shape[-2] * FACTOR, low.shape[-1] * FACTOR):
-            images = degrade.back_project(images, low, FACTOR)
+        images = degrade.back_project(images, low, FACTOR)
     if "mask" in prepared:  # inpainting keeps the known pixels exactly: only holes are generated
         known = 1.0 - torch.from_numpy(prepared["mask"].values)[:, None].float()
         cond = torch.from_numpy(prepared["cond"].values).permute(0, 3, 1, 2).float() / 255.0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from functools import lru_cache
+
+from storage.models import CARD, resolve
+from storage.models import model_identity  # noqa: F401  (cache keys read files only: no model is loaded)
 
 _LOAD_LOCK = threading.Lock()
 
@@ -28,19 +32,8 @@ def _load(name: str, device: str):
     return model
 
 
-def model_identity(name: str) -> dict:
-    """What identifies a model's weights in cache keys; reads files only, so a fully cached run loads no model."""
-    from storage.models import model_identity as identity
-
-    return identity(name)
-
-
 def model_info(name: str) -> dict:
     """{"task", "noise", "latent_channels"} of a model: from our card without loading; diffusers dirs are loaded."""
-    import json
-
-    from storage.models import CARD, resolve
-
     card_path = resolve(name) / CARD
     if card_path.exists():
         card = json.loads(card_path.read_text())

@@ -66,11 +66,11 @@ def metrics_key(decode: str, prepare: str, flow: str, sample: str) -> str:
     return stage_key("metrics", {}, {"decode": decode, "prepare": prepare, "estimate_flow": flow, "sample": sample})
 
 
-def cached_metrics(store, key: str, decode: str, prepare: str, flow: str, sample: str) -> tuple[dict, StageRecord]:
+def cached_metrics(store, key: str, restored: xr.Dataset, prepared: xr.Dataset, flow: str, sample: str) -> tuple[dict, StageRecord]:
     """compute_metrics as a content-addressed stage (the DESIGN's `metrics`): a rerun reads it back -> (result, record)."""
     def compute() -> xr.Dataset:
-        result = compute_metrics(store.open("decode", decode).load(), store.open("prepare", prepare).load(),
-                                 store.open("estimate_flow", flow).load(), store.open("sample", sample)["latents"].values)
+        result = compute_metrics(restored, prepared, store.open("estimate_flow", flow).load(),
+                                 store.open("sample", sample)["latents"].values)
         return xr.Dataset(attrs={"metrics_json": json.dumps(result)})
 
     record = run_stage(store, "metrics", key, compute)
