@@ -27,6 +27,7 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", default=None, help="START:END")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--guidance-space", default="auto", help="pixel | latent | auto (pixel for the embedded models' linear decoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model name (restore-video models) or a local diffusers directory")
     p.add_argument("--flow-backend", default="dis", help="dis | farneback")
@@ -38,7 +39,7 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
 
 def _restore_params(args) -> dict:
     params = dict(task=args.task, method=args.method, mode=args.mode, mask=args.mask, frames=args.frames, steps=args.steps,
-                  guidance=args.guidance, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
+                  guidance=args.guidance, guidance_space=args.guidance_space, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
                   executor=args.executor, max_batch=args.max_batch)
     if args.work_root:
         params["work_root"] = args.work_root

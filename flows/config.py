@@ -34,6 +34,9 @@ class RestoreConfig(BaseModel):
     mask: str | None = Field(None, description="inpaint, restore mode: mask image or video URL (white = hole)")
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
+    guidance_space: Literal["auto", "pixel", "latent"] = Field(
+        "auto", description="where self-guidance compares frames: pixel (decoded frames, pixel flow), latent (the "
+        "paper's latent warp), auto = pixel for a linear decoder (the embedded models), latent otherwise")
     seed: int = Field(0, ge=0)
     model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
     flow_backend: str = Field("dis", description="dis | farneback | shift:DX,DY (known integer/subpixel translation per frame)")

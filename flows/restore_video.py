@@ -27,7 +27,7 @@ from tasks import outputs
 from tasks import prepare as prepare_stage
 from tasks import sample as sample_stage
 from tasks._stage import StageRecord, store_for
-from tasks.models import model_info
+from tasks.models import model_info, resolve_guidance_space
 
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
 
@@ -143,13 +143,15 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
     records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, channels, base)
     # 6. sampling (the expensive stage)
-    k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch)
+    space = resolve_guidance_space(cfg.guidance_space, model)
+    k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
+                                       space)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
-                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch)
+                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space)
     if store.exists("sample", k_sample):
         records["sample"] = StageRecord("sample", k_sample, True)
     else:
-        logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength}, executor {cfg.executor}")
+        logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
         records["sample"] = run_sampling(cfg, request, pool)
     # 7. decode
     k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name)
@@ -168,6 +170,7 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         "method": cfg.method,
         "mode": cfg.mode,
         "model": cfg.model_name,
+        "guidance_space": space if cfg.guidance_strength > 0 else "none",
         "frames": int(restored.sizes["frame"]),
         "fps": fps,
         **computed["summary"],
@@ -193,7 +196,7 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         from storage.artifacts import write_json_atomic
 
         write_json_atomic(urls["metrics.json"], report, storage_options=opts)
-        outputs.log_to_mlflow(flatten(cfg.model_dump(mode="json")), report, computed["per_frame"], urls, opts)
+        outputs.log_to_mlflow({**flatten(cfg.model_dump(mode="json")), "guidance_space_used": report["guidance_space"]}, report, computed["per_frame"], urls, opts)
     logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")
     return report
 
@@ -216,6 +219,7 @@ def restore_video(
     mask: str | None = None,
     steps: int = 50,
     guidance: float = 1.0,
+    guidance_space: str = "auto",
     seed: int = 0,
     model: str | None = None,
     flow_backend: str = "dis",
@@ -227,7 +231,7 @@ def restore_video(
 ) -> dict:
     """Restore one video (default: the embedded sample clip, 8x super-resolution benchmark)."""
     params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
-                  guidance=guidance, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
+                  guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
                   executor=executor, max_batch=max_batch)
     if work_root:
         params["work_root"] = work_root

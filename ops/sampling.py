@@ -8,6 +8,10 @@ frame j-1's prediction at the same step k, held constant:
 
     e = sum_{x valid} |D_j(T_j(x)) - D_{j-1}(x)|^2,     x_{k+1} <- x_{k+1} - lambda * grad_x e / sqrt(e).
 
+With `decode` (an image decoder, differentiable), D_j and D_{j-1} are compared as decoded frames warped by the
+full-resolution pixel flow instead ("pixel-space guidance"): a latent that is not shift-equivariant below its
+8x8 cell (our PCA latent) makes latent agreement under a sub-cell warp a poor proxy for pixel agreement.
+
 Two schedules give the same numbers: `sequential` (frame by frame) and `wavefront` (step k of frame j in
 the same batch as step k+1 of frame j-1, so frames x steps calls become frames + steps batched calls).
 """
@@ -84,38 +88,43 @@ def equivariance_error(denoised: torch.Tensor, target: torch.Tensor, forward: to
 
 
 def guided_update(
-    denoiser: Denoiser, x, sigma, sigma_next, cond, target, forward, valid, has_target, strength: float
+    denoiser: Denoiser, x, sigma, sigma_next, cond, target, forward, valid, has_target, strength: float,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler step plus self-guidance for a batch of frames at their own noise levels (Algorithm 1, lines 7-10).
 
-    x: (B, C, h, w); sigma, sigma_next: (B,); target: (B, C, h, w) predecessor predictions (ignored where
-    has_target is False). Returns (x_next, denoised).
+    x: (B, C, h, w); sigma, sigma_next: (B,); target: predecessor predictions (ignored where has_target is
+    False), (B, C, h, w) latents or, with `decode`, (B, 3, H, W) decoded frames, matching forward (B, ., ., 2)
+    and valid. Returns (x_next, prediction): prediction is what the next frame is compared with (decoded
+    with `decode`).
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         denoised = denoiser(x, sigma, cond)
-        err = equivariance_error(denoised, target, forward, valid) * has_target.to(x.dtype)
+        prediction = denoised if decode is None else decode(denoised)  # (B, C, h, w) or (B, 3, H, W)
+        err = equivariance_error(prediction, target, forward, valid) * has_target.to(x.dtype)
         grad = torch.autograd.grad(err.sum(), x)[0] if bool(has_target.any()) else torch.zeros_like(x)
-    denoised = denoised.detach()
     shape = (-1,) + (1,) * (x.ndim - 1)
-    x_next = euler_step(x.detach(), denoised, sigma.view(shape), sigma_next.view(shape))
+    x_next = euler_step(x.detach(), denoised.detach(), sigma.view(shape), sigma_next.view(shape))
     scale = torch.where(err > 0, strength / err.detach().clamp_min(1e-30).sqrt(), torch.zeros_like(err))
-    return x_next - scale.view(shape) * grad, denoised
+    return x_next - scale.view(shape) * grad, prediction.detach()
 
 
-def _check_video_inputs(noise, sigmas, cond, forward, valid):
+def _check_video_inputs(noise, sigmas, cond, forward, valid, grid):
     check_sigmas(sigmas)
     if not isinstance(noise, torch.Tensor) or noise.ndim != 4:
         raise ValueError(f"noise must be a (F, C, h, w) tensor, got {getattr(noise, 'shape', type(noise).__name__)}")
     check_finite("noise", noise)
-    f, _, h, w = noise.shape
+    f = noise.shape[0]
+    h, w = grid
+    space = "latent" if grid == tuple(noise.shape[-2:]) else "decoded-frame"
     if cond is not None and cond.shape[0] != f:
         raise ValueError(f"cond has {cond.shape[0]} frames; expected {f} to match noise")
     if forward is not None:
         flowops.check_flow("forward", forward)
-        check_shape("forward", forward, (f - 1, h, w, 2), "(latent flows j-1 -> j)")
+        check_shape("forward", forward, (f - 1, h, w, 2), f"({space} flows j-1 -> j)")
     if valid is not None:
-        check_shape("valid", valid, (f - 1, h, w), "(masks on frame j-1's latent grid)")
+        check_shape("valid", valid, (f - 1, h, w), f"(masks on frame j-1's {space} grid)")
 
 
 def sample_video(
@@ -129,17 +138,25 @@ def sample_video(
     schedule: str = "wavefront",
     max_batch: int | None = None,
     callback: Callable[[dict], None] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    decoded_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Sample every frame of a video from its (unit-variance) initial noise (F, C, h, w) -> clean latents.
 
     forward: (F-1, h, w, 2) latent flows j-1 -> j; valid: (F-1, h, w) occlusion masks (all valid if None).
     guidance = lambda; with guidance 0 the 'parallel' schedule runs all frames in one batch per step.
+    Pixel-space guidance: `decode` maps latents (B, C, h, w) -> frames (B, 3, H, W), decoded_size = (H, W),
+    and forward / valid are the pixel flows (F-1, H, W, 2) / masks (F-1, H, W).
     """
-    _check_video_inputs(noise, sigmas, cond, forward, valid)
+    if (decode is None) != (decoded_size is None):
+        raise ValueError("pixel-space guidance needs both decode and decoded_size=(H, W)")
+    grid = tuple(decoded_size) if decode is not None else tuple(noise.shape[-2:])
+    _check_video_inputs(noise, sigmas, cond, forward, valid, grid)
     check_choice("schedule", schedule, SCHEDULES)
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    f, c, h, w = noise.shape
+    f, c = noise.shape[:2]
+    h, w = grid
     sigmas = sigmas.to(noise.device)
     x0 = noise * sigmas[0].to(noise.dtype)  # (F, C, h, w)
     if schedule == "parallel":
@@ -153,13 +170,14 @@ def sample_video(
     if valid is None:
         valid = torch.ones(f - 1, h, w, dtype=torch.bool, device=noise.device)
     run = _wavefront if schedule == "wavefront" else _sequential
-    return run(denoiser, x0, sigmas.to(noise.dtype), cond, forward.to(noise.dtype), valid, guidance, max_batch, callback)
+    return run(denoiser, x0, sigmas.to(noise.dtype), cond, forward.to(noise.dtype), valid, guidance, max_batch, callback,
+               decode)
 
 
 def _frame_inputs(j, cond, forward, valid, like):
     """Per-frame guidance inputs; frame 0 has no predecessor (zero flow, no target)."""
-    fw = forward[j - 1] if j > 0 else torch.zeros_like(forward[0])
-    ok = valid[j - 1] if j > 0 else torch.zeros_like(valid[0])
+    fw = forward[j - 1] if j > 0 else forward.new_zeros(forward.shape[1:])
+    ok = valid[j - 1] if j > 0 else valid.new_zeros(valid.shape[1:])
     c = cond[j] if cond is not None else None
     return c, fw, ok
 
@@ -168,7 +186,12 @@ def _stack_or_none(items):
     return None if items[0] is None else torch.stack(items)
 
 
-def _sequential(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, callback):
+def _no_target(forward: torch.Tensor, valid: torch.Tensor, channels: int) -> torch.Tensor:
+    """Placeholder target for frame 0 (it has no predecessor; its error is masked out) -> (C', H, W) zeros."""
+    return forward.new_zeros(channels, *valid.shape[-2:])
+
+
+def _sequential(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, callback, decode=None):
     """Frame by frame, step by step: frames x steps model calls."""
     steps = len(sigmas) - 1
     out, previous = [], None  # previous: frame j-1's predictions at every step
@@ -176,10 +199,10 @@ def _sequential(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch,
         x, current = x0[j : j + 1], []
         c, fw, ok = _frame_inputs(j, cond, forward, valid, x)
         for k in range(steps):
-            target = previous[k] if previous is not None else torch.zeros_like(x)
+            target = previous[k] if previous is not None else _no_target(forward, valid, 3 if decode else x.shape[1])[None]
             x, denoised = guided_update(
                 denoiser, x, sigmas[k : k + 1], sigmas[k + 1 : k + 2], None if c is None else c[None], target,
-                fw[None], ok[None], torch.tensor([j > 0]), strength,
+                fw[None], ok[None], torch.tensor([j > 0]), strength, decode,
             )
             current.append(denoised)
             if callback is not None:
@@ -189,11 +212,12 @@ def _sequential(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch,
     return torch.stack(out)
 
 
-def _wavefront(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, callback):
+def _wavefront(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, callback, decode=None):
     """Diagonal batches: at tick t frame j runs step t - j; frames + steps - 1 batched calls."""
     frames, steps = x0.shape[0], len(sigmas) - 1
     x = x0.clone()
     last_denoised: dict[int, torch.Tensor] = {}  # frame -> its prediction at the previous tick
+    empty = _no_target(forward, valid, 3 if decode else x0.shape[1])
     ticks = frames + steps - 1
     for t in range(ticks):
         active = [j for j in range(frames) if 0 <= t - j < steps]
@@ -203,11 +227,11 @@ def _wavefront(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, 
             batch = active[start : start + chunk]
             ks = torch.tensor([t - j for j in batch])
             inputs = [_frame_inputs(j, cond, forward, valid, x) for j in batch]
-            target = torch.stack([last_denoised.get(j - 1, torch.zeros_like(x[0])) for j in batch])
+            target = torch.stack([last_denoised.get(j - 1, empty) for j in batch])
             x_next, denoised = guided_update(
                 denoiser, x[batch], sigmas[ks], sigmas[ks + 1], _stack_or_none([i[0] for i in inputs]), target,
                 torch.stack([i[1] for i in inputs]), torch.stack([i[2] for i in inputs]),
-                torch.tensor([j > 0 for j in batch]), strength,
+                torch.tensor([j > 0 for j in batch]), strength, decode,
             )
             x[batch] = x_next
             new_denoised.update({j: d for j, d in zip(batch, denoised)})

@@ -33,10 +33,22 @@ def _load(name: str, device: str):
 
 
 def model_info(name: str) -> dict:
-    """{"task", "noise", "latent_channels"} of a model: from our card without loading; diffusers dirs are loaded."""
+    """{"task", "noise", "latent_channels", "linear_decoder"} of a model: from our card without loading; diffusers
+    dirs are loaded. linear_decoder: decoding is one cheap linear map (our PCA autoencoder)."""
     card_path = resolve(name) / CARD
     if card_path.exists():
         card = json.loads(card_path.read_text())
-        return {"task": card["task"], "noise": card.get("noise"), "latent_channels": int(card["autoencoder"]["latent_channels"])}
+        return {"task": card["task"], "noise": card.get("noise"), "latent_channels": int(card["autoencoder"]["latent_channels"]),
+                "linear_decoder": card["autoencoder"].get("type") == "pca"}
     model = get_model(name)
-    return {"task": model.task, "noise": model.noise, "latent_channels": model.latent_channels}
+    return {"task": model.task, "noise": model.noise, "latent_channels": model.latent_channels,
+            "linear_decoder": type(model.autoencoder).__name__ == "PCAAutoencoder"}
+
+
+def resolve_guidance_space(space: str, info: dict) -> str:
+    """'auto' -> 'pixel' for a linear decoder (decoding inside every guided step is nearly free), else 'latent'."""
+    if space not in ("auto", "pixel", "latent"):
+        raise ValueError(f"guidance_space must be auto, pixel or latent, got {space!r}")
+    if space == "auto":
+        return "pixel" if info.get("linear_decoder") else "latent"
+    return space

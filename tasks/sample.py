@@ -18,8 +18,11 @@ from tasks._stage import StageRecord, run_stage, stage_key, store_for
 from tasks.models import get_model, model_identity
 
 
-def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guidance: float, max_batch) -> str:
+def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guidance: float, max_batch,
+               guidance_space: str = "latent") -> str:
     params = {"model": model_identity(model), "steps": steps, "guidance": guidance, "schedule": "wavefront"}
+    if guidance > 0 and guidance_space != "latent":  # unguided samples are the same in either space
+        params["guidance_space"] = guidance_space
     return stage_key("sample", params, {"generate_noise": noise, "encode": encode, "estimate_flow": flow})
 
 
@@ -46,25 +49,34 @@ class SamplerWorker:
         if external is not None:
             external(self._progress)
 
-    def sample(self, work_root: str, storage_options: dict, key: str, noise: str, encode: str, flow: str, steps: int, guidance: float, max_batch=None) -> dict:
+    def sample(self, work_root: str, storage_options: dict, key: str, noise: str, encode: str, flow: str, steps: int,
+               guidance: float, max_batch=None, guidance_space: str = "latent") -> dict:
+        """guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
+        latent predictions warped by the latent flow, as the paper)."""
+        if guidance_space not in ("pixel", "latent"):
+            raise ValueError(f"guidance_space must be 'pixel' or 'latent' here (resolve 'auto' first), got {guidance_space!r}")
         store = store_for(work_root, storage_options)
+        pixel = guidance_space == "pixel" and guidance > 0
 
         def compute() -> xr.Dataset:
             x = torch.from_numpy(store.open("generate_noise", noise)["noise"].values).to(self.device)  # (F, C, h, w)
             cond = torch.from_numpy(store.open("encode", encode)["cond_latents"].values).to(self.device)
             flows = store.open("estimate_flow", flow)
-            fwd = torch.from_numpy(flows["latent_forward"].values).to(self.device)
-            valid = torch.from_numpy(flows["latent_valid"].values).to(self.device)
+            prefix = "" if pixel else "latent_"
+            fwd = torch.from_numpy(flows[prefix + "forward"].values).to(self.device)  # (F-1, H, W, 2) or (F-1, h, w, 2)
+            valid = torch.from_numpy(flows[prefix + "valid"].values).to(self.device)
+            decoding = dict(decode=self.model.decode, decoded_size=tuple(fwd.shape[1:3])) if pixel else {}
             sigmas = sampling.karras_sigmas(steps, float(self.model.sigma_min), float(self.model.sigma_max))
             schedule = "wavefront" if guidance > 0 else "parallel"
             start = time.perf_counter()
             latents = sampling.sample_video(
                 self.model.denoise, x, sigmas, cond, fwd, valid, guidance=guidance, schedule=schedule,
-                max_batch=max_batch, callback=self._callback if schedule == "wavefront" else None,
+                max_batch=max_batch, callback=self._callback if schedule == "wavefront" else None, **decoding,
             )
             seconds = time.perf_counter() - start
             return xr.Dataset({"latents": (("frame", "c", "ly", "lx"), latents.float().cpu().numpy())},
-                              attrs={"steps": steps, "guidance": guidance, "sampling_seconds": seconds, "device": self.device})
+                              attrs={"steps": steps, "guidance": guidance, "guidance_space": guidance_space if guidance > 0 else "none",
+                                     "sampling_seconds": seconds, "device": self.device})
 
         record = run_stage(store, "sample", key, compute)
         return record.__dict__
