@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def edm_scalings(sigma: torch.Tensor, sigma_data: float):
@@ -169,8 +170,6 @@ def build_unet(in_channels: int, out_channels: int, block_out_channels=(64, 128,
 
 def pool_mask(mask: torch.Tensor, factor: int, mode: str = "avg") -> torch.Tensor:
     """(B, 1, H, W) pixel mask -> (B, 1, H/f, W/f): fraction of hole pixels ('avg') or SD's 'nearest'."""
-    import torch.nn.functional as F
-
     if mode == "avg":
         return F.avg_pool2d(mask, factor)
     if mode == "nearest":
@@ -189,11 +188,16 @@ class RestorationModel(nn.Module):
     inpainting's channel order); denoise(x (B,C,h,w), sigma (B,), cond) -> x0_hat (EDM D(x, sigma, cond)).
     With known_replace (our inpaint models), x0_hat in latent cells that hold no hole pixel is the encoded
     known input itself (a hard constraint, still differentiable w.r.t. x in the other cells).
+    With known_pixels, condition() also carries the pixel mask and the known pixels (pixel-unshuffled: 4 f^2
+    more channels after the UNet's), and every x0_hat is projected onto the known pixels: decode, paste the
+    known pixels, re-encode (pixel-space data consistency, as DDNM's range/null split for a mask, brought
+    back to the latent). It keeps the known pixels of cells that are only partly a hole, which known_replace
+    leaves to the denoiser; it needs a decoder cheap enough to run at every step (our linear PCA one).
     """
 
     def __init__(self, autoencoder: nn.Module, denoiser: nn.Module | None, task: str, noise: str | None = None,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, card: dict | None = None, model_id: str = "",
-                 mask_pool: str = "avg", known_replace: bool = False):
+                 mask_pool: str = "avg", known_replace: bool = False, known_pixels: bool = False):
         super().__init__()
         if task not in ("sr8", "inpaint", "vae"):
             raise ValueError(f"task must be 'sr8', 'inpaint' or 'vae', got {task!r}")
@@ -209,6 +213,7 @@ class RestorationModel(nn.Module):
         self.model_id = model_id
         self.mask_pool = mask_pool
         self.known_replace = bool(known_replace)
+        self.known_pixels = bool(known_pixels) and task == "inpaint"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode(images)
@@ -223,18 +228,36 @@ class RestorationModel(nn.Module):
             if mask is None:
                 raise ValueError("inpaint models need a mask (B, 1, H, W) with 1 = hole")
             masked = degraded * (1 - mask) + 0.5 * mask
-            return torch.cat([pool_mask(mask, self.factor, self.mask_pool), self.encode(masked)], dim=1)
+            cond = torch.cat([pool_mask(mask, self.factor, self.mask_pool), self.encode(masked)], dim=1)  # (B, 1+C, h, w)
+            if self.known_pixels:  # + (B, 4 f^2, h, w): the mask and the known pixels, cell by cell
+                pixels = F.pixel_unshuffle(torch.cat([mask, degraded * (1 - mask)], dim=1), self.factor)
+                cond = torch.cat([cond, pixels.to(cond.dtype)], dim=1)
+            return cond
         raise ValueError("a 'vae' model has no denoiser and takes no condition")
 
     def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if self.denoiser is None:
             raise ValueError(f"model {self.model_id!r} is an autoencoder only (task 'vae'); it has no denoiser")
+        pixels = None
+        if self.known_pixels:
+            cond, pixels = cond[:, : 1 + self.latent_channels], cond[:, 1 + self.latent_channels :]
         d = self.denoiser(x, sigma, cond, **kwargs)
+        if pixels is not None:
+            unpacked = F.pixel_shuffle(pixels.to(d.dtype), self.factor)  # (B, 4, H, W): mask, known pixels
+            hole, known = unpacked[:, :1], unpacked[:, 1:]
+            return self.encode(known + hole * self._decode_linear(d))
         if self.known_replace and self.task == "inpaint":
             # Latent cells without any hole pixel are known exactly: x0_hat there is the encoded input.
             hole = (cond[:, :1] > 0).to(d.dtype)  # (B, 1, h, w)
             d = hole * d + (1 - hole) * cond[:, 1:].to(d.dtype)
         return d
+
+    def _decode_linear(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode without the [0, 1] clamp where the decoder allows it (keeps the projection linear)."""
+        try:
+            return self.autoencoder.decode(latents, clamp=False)
+        except TypeError:
+            return self.autoencoder.decode(latents)
 
     def forward(self, x, sigma, cond=None, **kwargs):
         return self.denoise(x, sigma, cond, **kwargs)

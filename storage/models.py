@@ -95,7 +95,8 @@ def build_model(card: dict, model_id: str = "") -> RestorationModel:
         den = EDMDenoiser(unet, sigma_data=a["sigma_data"], time_scale=a["time_scale"])
     return RestorationModel(ae, den, card["task"], card.get("noise"), card.get("sigma_min", 0.002),
                             card.get("sigma_max", 80.0), card=card, model_id=model_id,
-                            known_replace=bool(card.get("known_replace", False)))
+                            known_replace=bool(card.get("known_replace", False)),
+                            known_pixels=bool(card.get("known_pixels", False)))
 
 
 def save_model(model: RestorationModel, directory, card: dict) -> Path:
@@ -204,6 +205,9 @@ def load_model(name_or_dir: str, device="cpu", **kwargs) -> RestorationModel:
     return load_diffusers(p, device, **kwargs)
 
 
+BEHAVIOUR_KEYS = ("known_pixels",)
+
+
 def model_identity(name_or_dir: str) -> dict:
     """What identifies a model's weights in cache keys, read from its files without loading it.
 
@@ -214,8 +218,10 @@ def model_identity(name_or_dir: str) -> dict:
     p = resolve(str(name_or_dir))
     if (p / CARD).exists():
         card = json.loads((p / CARD).read_text())
-        return {"model_id": card.get("name", p.name),
-                "weights": card.get("weights_sha256") or card.get("git_commit") or card.get("steps")}
+        ident = {"model_id": card.get("name", p.name),
+                 "weights": card.get("weights_sha256") or card.get("git_commit") or card.get("steps")}
+        behaviour = {k: card[k] for k in BEHAVIOUR_KEYS if card.get(k)}  # card switches that change outputs
+        return {**ident, "behaviour": behaviour} if behaviour else ident
     files = {}
     for f in sorted(p.rglob("*")):
         if f.is_file() and f.suffix in (".safetensors", ".json"):

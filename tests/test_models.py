@@ -212,6 +212,29 @@ def test_inpaint_known_replace_keeps_known_cells():
     torch.testing.assert_close(d[..., 1:, :], m.encode(img)[..., 1:, :], rtol=1e-5, atol=1e-5)
 
 
+def test_inpaint_known_pixels_projects_onto_the_known_pixels():
+    m = _tiny_restoration("inpaint").eval()
+    z_true = 0.3 * torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    img = m.autoencoder.decode(z_true, clamp=False)  # (1, 3, 32, 32): a picture the decoder can represent
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :8, :8] = 1  # cell (0, 0): all hole
+    mask[..., 8:12, 8:16] = 1  # cell (1, 1): top half hole, bottom half known
+    x, sigma = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(3)), torch.tensor([5.0])
+    raw = m.denoise(x, sigma, m.condition(img, mask))  # known_replace only
+    m.known_pixels = True
+    cond = m.condition(img, mask)
+    assert cond.shape[1] == 1 + 8 + 4 * 64  # pooled mask + encoded image + pixel-unshuffled (mask, known pixels)
+    d = m.denoise(x, sigma, cond)
+    torch.testing.assert_close(d[..., 0, 0], raw[..., 0, 0], rtol=1e-4, atol=1e-4)  # a full hole is left alone
+    torch.testing.assert_close(d[..., 2:, :], m.encode(img)[..., 2:, :], rtol=1e-4, atol=1e-4)  # known cells: encoded input
+    known = (1 - mask)[..., 8:16, 8:16].bool().expand(1, 3, 8, 8)
+    err = lambda z: (m.autoencoder.decode(z, clamp=False)[..., 8:16, 8:16] - img[..., 8:16, 8:16])[known].pow(2).mean()
+    assert err(d) < 0.5 * err(raw), (float(err(d)), float(err(raw)))  # the half-known cell keeps its known pixels
+    x = x.requires_grad_(True)
+    m.denoise(x, sigma, cond).sum().backward()  # still differentiable for self-guidance
+    assert x.grad is not None and x.grad[..., 0, 0].abs().sum() > 0
+
+
 def test_list_models_content():
     models = store.list_models()
     for name in ("vae-pca", "sr8-gp", "sr8-white", "inpaint-gp", "inpaint-white"):
