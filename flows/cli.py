@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default=None)
     p.add_argument("--frames", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="warped-diffusion's lambda (default: the experiment's)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--work-root", default=None)
     p.add_argument("--json", action="store_true")

@@ -3,8 +3,9 @@
     shift-inpaint   (Table 2) a still photo translated by a known whole number of pixels per frame, inpainted with
                     a fixed mask; every method x {GP-trained, white-noise-trained} model; exact flow (`shift:DX,DY`)
     video-sr        (Table 3) 8x super-resolution of a video (default: the embedded clip), estimated flow (DIS),
-                    every method
-    guidance-sweep  warped-diffusion, lambda in {0, 0.25, 0.5, 1, 2} x steps in {25, 50}, 8x SR
+                    every method, 100 steps, lambda = 2 (what guidance-sweep picks for pixel-space guidance; the
+                    paper likewise raises the step count for guidance, App. F.3)
+    guidance-sweep  warped-diffusion, lambda in {0, 0.25, 0.5, 1, 2} x steps in {25, 50, 100}, 8x SR
 
 `--seeds N` repeats every configuration with seeds 0..N-1 (mean ± std in `restore-video compare`). Sampling runs
 in-process (`executor="inline"`, one model load per process); every stage is cached, so an interrupted
@@ -41,9 +42,11 @@ SHIFT_SIZE = 128
 SHIFT_FRAMES = 8
 INPAINT_MODELS = ("inpaint-gp", "inpaint-white")
 LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0)
-SWEEP_STEPS = (25, 50)
-SWEEP_FRAMES = 8  # guidance-sweep uses the first 8 frames of the clip (10 configurations)
+SWEEP_STEPS = (25, 50, 100)
+SWEEP_FRAMES = 8  # guidance-sweep uses the first 8 frames of the clip (15 configurations)
 DEFAULT_STEPS = 50
+VIDEO_SR_STEPS = 100  # guidance needs steps to act (each step is one guided correction); gp etc. get the same
+VIDEO_SR_GUIDANCE = 2.0
 
 
 @dataclass
@@ -131,26 +134,32 @@ def _slug(text: str) -> str:
 
 
 def experiment_grid(name: str, input: str, frames: int | None = None, steps: int | None = None, seeds: int = 1,
-                    work_root: str = DEFAULT_WORK_ROOT, shift=SHIFT_PX) -> list[RunSpec]:
-    """Every configuration of experiment `name` on clip `input` (pure: builds dicts, runs nothing)."""
+                    work_root: str = DEFAULT_WORK_ROOT, shift=SHIFT_PX, guidance: float | None = None) -> list[RunSpec]:
+    """Every configuration of experiment `name` on clip `input` (pure: builds dicts, runs nothing).
+
+    steps / guidance override the experiment's defaults (guidance: warped-diffusion's lambda; the sweep has its own).
+    """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise ValueError("--seeds must be >= 1")
     out_root = f"{work_root.rstrip('/')}/experiments/{name}"
     frame_range = f"0:{frames}" if frames else None
+    if guidance is not None and not (0 <= guidance <= 100):
+        raise ValueError(f"--guidance must be in [0, 100], got {guidance}")
     base = dict(input=input, mode="benchmark", executor="inline", work_root=work_root, frames=frame_range,
-                steps=steps or DEFAULT_STEPS)
+                steps=steps or (VIDEO_SR_STEPS if name == "video-sr" else DEFAULT_STEPS))
+    lam = guidance if guidance is not None else (VIDEO_SR_GUIDANCE if name == "video-sr" else 1.0)
     cells: list[tuple[str, dict]] = []
     if name == "shift-inpaint":
         for model in INPAINT_MODELS:
             for method in METHODS:
                 row = f"{method}/white" if model.endswith("white") else method
-                cells.append((row, dict(task="inpaint", mode="restore", method=method, model=model,
+                cells.append((row, dict(task="inpaint", mode="restore", method=method, model=model, guidance=lam,
                                         flow_backend=f"shift:{shift[0]},{shift[1]}")))
     elif name == "video-sr":
         for method in METHODS:
-            cells.append((method, dict(task="sr8", method=method, flow_backend="dis")))
+            cells.append((method, dict(task="sr8", method=method, flow_backend="dis", guidance=lam)))
     else:
         if frames is None:
             base["frames"] = f"0:{SWEEP_FRAMES}"
@@ -232,7 +241,7 @@ def truth_metrics(report: dict, cfg, truth_url: str) -> dict:
 
 
 def run_experiment(name: str, input: str | None = None, frames: int | None = None, steps: int | None = None,
-                   seeds: int = 1, work_root: str | None = None, log=print) -> dict:
+                   seeds: int = 1, work_root: str | None = None, log=print, guidance: float | None = None) -> dict:
     """Run every configuration of `name` nested under one parent MLflow run, then log compare's table and plots."""
     from mlflow.tracking import MlflowClient
 
@@ -244,7 +253,8 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
     if name == "shift-inpaint" and input is None and frames is not None and frames < 8:
         log(f"note: shift-inpaint with {frames} frames; the paper's comparison uses >= 8")
     clip = prepare_input(name, input, work_root, frames, seeds)
-    specs = experiment_grid(name, clip, None if name == "shift-inpaint" else frames, steps, seeds, work_root)
+    specs = experiment_grid(name, clip, None if name == "shift-inpaint" else frames, steps, seeds, work_root,
+                            guidance=guidance)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
@@ -253,7 +263,8 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
         name, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
         tags={compare.ROLE_TAG: "experiment-parent", "git_commit": tracking.git_commit(), "input": clip}, uri=uri,
     ) as parent:
-        tracking.log_config({"experiment": name, "input": clip, "frames": frames, "steps": steps, "seeds": seeds,
+        tracking.log_config({"experiment": name, "input": clip, "frames": frames, "steps": specs[0].config["steps"],
+                             "guidance": None if name == "guidance-sweep" else specs[0].config["guidance"], "seeds": seeds,
                              "configurations": len(specs), "shift_px": list(SHIFT_PX) if name == "shift-inpaint" else None})
         client = MlflowClient(tracking_uri=uri)
         for i, (spec, cfg) in enumerate(zip(specs, configs), 1):
@@ -287,15 +298,15 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
 
 @flow(name="experiments", log_prints=True)
 def experiments(name: str = "video-sr", input: str | None = None, frames: int | None = None, steps: int | None = None,
-                seeds: int = 1, work_root: str | None = None) -> dict:
+                seeds: int = 1, work_root: str | None = None, guidance: float | None = None) -> dict:
     """Run one of the paper's comparisons (shift-inpaint, video-sr, guidance-sweep) as nested MLflow runs."""
-    result = run_experiment(name, input, frames, steps, seeds, work_root)
+    result = run_experiment(name, input, frames, steps, seeds, work_root, guidance=guidance)
     print(result["table"])
     return {k: v for k, v in result.items() if k != "rows"}
 
 
 def experiment_cli(args) -> int:
-    """`restore-video experiment NAME [--input URL] [--frames N] [--steps N] [--seeds N] [--work-root DIR] [--json]`."""
+    """`restore-video experiment NAME [--input URL] [--frames N] [--steps N] [--guidance L] [--seeds N] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
     if args.name not in EXPERIMENTS:
@@ -303,7 +314,8 @@ def experiment_cli(args) -> int:
         return 2
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     try:
-        result = run_experiment(args.name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log)
+        result = run_experiment(args.name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log,
+                                guidance=getattr(args, "guidance", None))
     except (ValueError, ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -25,20 +25,24 @@ def test_shift_inpaint_grid_is_methods_x_models_x_seeds(tmp_path):
 
 
 def test_video_sr_grid_every_method():
-    specs = experiments.experiment_grid("video-sr", "clip.mp4", frames=12, steps=20)
+    specs = experiments.experiment_grid("video-sr", "clip.mp4", frames=12, steps=20, guidance=0.5)
     assert [s.config["method"] for s in specs] == list(METHODS)
     assert all(s.config["task"] == "sr8" and s.config["flow_backend"] == "dis" and s.config["frames"] == "0:12"
-               and s.config["steps"] == 20 for s in specs)
+               and s.config["steps"] == 20 and s.config["guidance"] == 0.5 for s in specs)
+    default = experiments.experiment_grid("video-sr", "clip.mp4")
+    assert {(s.config["steps"], s.config["guidance"]) for s in default} == {(experiments.VIDEO_SR_STEPS, experiments.VIDEO_SR_GUIDANCE)}
+    with pytest.raises(ValueError, match="guidance must be in"):
+        experiments.experiment_grid("video-sr", "clip.mp4", guidance=-1)
 
 
 def test_guidance_sweep_grid_lambdas_x_steps():
     specs = experiments.experiment_grid("guidance-sweep", "clip.mp4")
     assert {(s.config["guidance"], s.config["steps"]) for s in specs} == {
-        (lam, n) for lam in (0, 0.25, 0.5, 1, 2) for n in (25, 50)}
-    assert len(specs) == 10 and all(s.config["method"] == "warped-diffusion" for s in specs)
+        (lam, n) for lam in (0, 0.25, 0.5, 1, 2) for n in (25, 50, 100)}
+    assert len(specs) == 15 and all(s.config["method"] == "warped-diffusion" for s in specs)
     assert specs[0].config["frames"] == f"0:{experiments.SWEEP_FRAMES}"
     rows = [s.row for s in specs]
-    assert sorted(rows, key=compare._order) == [f"λ={lam:g} steps={n}" for n in (25, 50) for lam in (0, 0.25, 0.5, 1, 2)]
+    assert sorted(rows, key=compare._order) == [f"λ={lam:g} steps={n}" for n in (25, 50, 100) for lam in (0, 0.25, 0.5, 1, 2)]
     only = experiments.experiment_grid("guidance-sweep", "clip.mp4", steps=10)
     assert {s.config["steps"] for s in only} == {10}
 
