@@ -27,7 +27,7 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", default=None, help="START:END")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--guidance-space", default="auto", help="pixel | latent | auto (pixel for the embedded models' linear decoder)")
+    p.add_argument("--guidance-space", default="auto", help="pixel | latent | auto (pixel for the embedded sr8 models, latent otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model name (restore-video models) or a local diffusers directory")
     p.add_argument("--flow-backend", default="dis", help="dis | farneback")

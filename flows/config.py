@@ -36,7 +36,8 @@ class RestoreConfig(BaseModel):
     guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
     guidance_space: Literal["auto", "pixel", "latent"] = Field(
         "auto", description="where self-guidance compares frames: pixel (decoded frames, pixel flow), latent (the "
-        "paper's latent warp), auto = pixel for a linear decoder (the embedded models), latent otherwise")
+        "paper's latent warp), auto = pixel for super-resolution with a linear decoder (the embedded sr8 models), "
+        "latent otherwise")
     seed: int = Field(0, ge=0)
     model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
     flow_backend: str = Field("dis", description="dis | farneback | shift:DX,DY (known integer/subpixel translation per frame)")

@@ -116,7 +116,7 @@ def _new_card(task: str, noise: str, vae: RestorationModel, args: dict) -> dict:
                          "cond_channels": cond,
                          "unet": {"in_channels": c + cond, "out_channels": c, **UNET}},
             "sigma_min": 0.002, "sigma_max": 80.0, "known_replace": task == "inpaint",
-            "known_pixels": task == "inpaint",
+            "known_pixels": False,  # opt-in: see RestorationModel (better known_psnr, worse shift-inpaint consistency)
             "conditioning": ("encode(bicubic x8 upsampling of the antialiased bicubic x8 downsampling)" if task == "sr8"
                              else "concat[avg-pooled mask (1 = hole), encode(image with holes = 0.5)]"),
             "training": {k: args[k] for k in ("steps", "batch", "crop", "lr", "ema", "p_mean", "p_std", "seed")},

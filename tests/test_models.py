@@ -235,6 +235,18 @@ def test_inpaint_known_pixels_projects_onto_the_known_pixels():
     assert x.grad is not None and x.grad[..., 0, 0].abs().sum() > 0
 
 
+def test_guidance_space_auto_is_pixel_only_for_linear_sr8():
+    from tasks.models import model_info, resolve_guidance_space
+
+    assert model_info("sr8-gp")["linear_decoder"] is True and model_info("inpaint-gp")["linear_decoder"] is True
+    assert resolve_guidance_space("auto", model_info("sr8-gp")) == "pixel"
+    assert resolve_guidance_space("auto", model_info("inpaint-gp")) == "latent"
+    assert resolve_guidance_space("auto", {"task": "sr8", "linear_decoder": False}) == "latent"  # a diffusers VAE
+    assert resolve_guidance_space("pixel", model_info("inpaint-gp")) == "pixel"
+    with pytest.raises(ValueError, match="guidance_space must be auto, pixel or latent"):
+        resolve_guidance_space("pixels", {})
+
+
 def test_list_models_content():
     models = store.list_models()
     for name in ("vae-pca", "sr8-gp", "sr8-white", "inpaint-gp", "inpaint-white"):

@@ -45,6 +45,7 @@ def test_rerun_recomputes_nothing_and_reports_it(clip, tmp_path):
     first = _restore(clip, tmp_path / "a", tmp_path / "work", "--executor", "inline", "--steps", "4")
     assert not any(first["cached"].values())
     assert first["frames"] == 6 and first["task"] == "sr8" and first["method"] == "warped-diffusion"
+    assert first["guidance_space"] == "pixel"  # auto: the embedded sr8 model's decoder is linear
     assert set(first["warping_error"]) == {"pixel_first", "pixel_prev", "latent_first", "latent_prev"}
     assert 5 < first["psnr"] < 60 and 0 < first["ssim"] <= 1
     second = _restore(clip, tmp_path / "b", tmp_path / "work", "--executor", "inline", "--steps", "4")
