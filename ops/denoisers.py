@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autoencoders import PCAAutoencoder
+
 
 def edm_scalings(sigma: torch.Tensor, sigma_data: float):
     """(c_skip, c_out, c_in) of Karras et al. 2022, Table 1, broadcastable to (B, 1, 1, 1)."""
@@ -254,10 +256,9 @@ class RestorationModel(nn.Module):
 
     def _decode_linear(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode without the [0, 1] clamp where the decoder allows it (keeps the projection linear)."""
-        try:
+        if isinstance(self.autoencoder, PCAAutoencoder):
             return self.autoencoder.decode(latents, clamp=False)
-        except TypeError:
-            return self.autoencoder.decode(latents)
+        return self.autoencoder.decode(latents)
 
     def forward(self, x, sigma, cond=None, **kwargs):
         return self.denoise(x, sigma, cond, **kwargs)

@@ -110,14 +110,13 @@ def guided_update(
     return x_next - scale.view(shape) * grad, prediction.detach()
 
 
-def _check_video_inputs(noise, sigmas, cond, forward, valid, grid):
+def _check_video_inputs(noise, sigmas, cond, forward, valid, grid, space):
     check_sigmas(sigmas)
     if not isinstance(noise, torch.Tensor) or noise.ndim != 4:
         raise ValueError(f"noise must be a (F, C, h, w) tensor, got {getattr(noise, 'shape', type(noise).__name__)}")
     check_finite("noise", noise)
     f = noise.shape[0]
     h, w = grid
-    space = "latent" if grid == tuple(noise.shape[-2:]) else "decoded-frame"
     if cond is not None and cond.shape[0] != f:
         raise ValueError(f"cond has {cond.shape[0]} frames; expected {f} to match noise")
     if forward is not None:
@@ -151,7 +150,7 @@ def sample_video(
     if (decode is None) != (decoded_size is None):
         raise ValueError("pixel-space guidance needs both decode and decoded_size=(H, W)")
     grid = tuple(decoded_size) if decode is not None else tuple(noise.shape[-2:])
-    _check_video_inputs(noise, sigmas, cond, forward, valid, grid)
+    _check_video_inputs(noise, sigmas, cond, forward, valid, grid, "latent" if decode is None else "decoded-frame")
     check_choice("schedule", schedule, SCHEDULES)
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")

@@ -6,6 +6,7 @@ import json
 import threading
 from functools import lru_cache
 
+from ops.autoencoders import PCAAutoencoder
 from storage.models import CARD, resolve
 from storage.models import model_identity  # noqa: F401  (cache keys read files only: no model is loaded)
 
@@ -42,7 +43,7 @@ def model_info(name: str) -> dict:
                 "linear_decoder": card["autoencoder"].get("type") == "pca"}
     model = get_model(name)
     return {"task": model.task, "noise": model.noise, "latent_channels": model.latent_channels,
-            "linear_decoder": type(model.autoencoder).__name__ == "PCAAutoencoder"}
+            "linear_decoder": isinstance(model.autoencoder, PCAAutoencoder)}
 
 
 def resolve_guidance_space(space: str, info: dict) -> str:
