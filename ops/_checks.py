@@ -16,8 +16,10 @@ def _as_array(value):
 
 
 def check_finite(name: str, value) -> None:
-    """Raise if `value` holds NaN or inf."""
+    """Raise if `value` holds NaN or inf (a meta tensor has shapes only: nothing to check)."""
     arr = _as_array(value)
+    if isinstance(arr, torch.Tensor) and arr.device.type == "meta":
+        return
     ok = bool(torch.isfinite(arr).all()) if isinstance(arr, torch.Tensor) else bool(np.isfinite(arr).all())
     if not ok:
         raise ValueError(f"{name} must be finite everywhere; it contains NaN or inf values")

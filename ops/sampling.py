@@ -14,6 +14,13 @@ full-resolution pixel flow instead ("pixel-space guidance"): a latent that is no
 
 Two schedules give the same numbers: `sequential` (frame by frame) and `wavefront` (step k of frame j in
 the same batch as step k+1 of frame j-1, so frames x steps calls become frames + steps batched calls).
+
+Long videos run in temporal windows (`sample_window`): a window's first frame is guided by the previous
+window's last frame through that frame's kept per-step predictions (the carry), so windowing changes memory,
+not numbers. Large frames run in spatial tiles (`tiled_denoiser`, MultiDiffusion): the sampler, the noise and
+the guidance stay global, only the denoiser call is split and blended.
+
+Every tensor is created on the device and dtype of the noise (the model's), so CUDA and fp16 need no copies.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 from . import flow as flowops
 from ._checks import check_choice, check_finite, check_shape
@@ -49,6 +57,8 @@ def check_sigmas(sigmas: torch.Tensor) -> None:
     """A schedule is a finite, strictly decreasing, non-negative 1-D tensor of at least two levels."""
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError("sigmas must be a 1-D tensor of at least 2 noise levels (e.g. karras_sigmas(...))")
+    if sigmas.device.type == "meta":  # shapes only: a meta tensor has no values to check
+        return
     check_finite("sigmas", sigmas)
     if (sigmas[:-1] <= sigmas[1:]).any() or (sigmas < 0).any():
         raise ValueError("sigmas must be strictly decreasing and non-negative")
@@ -95,35 +105,43 @@ def guided_update(
 
     x: (B, C, h, w); sigma, sigma_next: (B,); target: predecessor predictions (ignored where has_target is
     False), (B, C, h, w) latents or, with `decode`, (B, 3, H, W) decoded frames, matching forward (B, ., ., 2)
-    and valid. Returns (x_next, prediction): prediction is what the next frame is compared with (decoded
-    with `decode`).
+    and valid. has_target: B booleans known on the host (a list, or a CPU bool tensor); the mask is built on
+    x's device, so no host-device sync and no CPU tensor meets a CUDA one. Returns (x_next, prediction):
+    prediction is what the next frame is compared with (decoded with `decode`).
     """
+    flags = [bool(v) for v in has_target]
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         denoised = denoiser(x, sigma, cond)
         prediction = denoised if decode is None else decode(denoised)  # (B, C, h, w) or (B, 3, H, W)
-        err = equivariance_error(prediction, target, forward, valid) * has_target.to(x.dtype)
-        grad = torch.autograd.grad(err.sum(), x)[0] if bool(has_target.any()) else torch.zeros_like(x)
+        mask = torch.tensor(flags, dtype=x.dtype, device=x.device)  # (B,)
+        err = equivariance_error(prediction, target, forward, valid) * mask
+        grad = torch.autograd.grad(err.sum(), x)[0] if any(flags) else torch.zeros_like(x)
     shape = (-1,) + (1,) * (x.ndim - 1)
     x_next = euler_step(x.detach(), denoised.detach(), sigma.view(shape), sigma_next.view(shape))
     scale = torch.where(err > 0, strength / err.detach().clamp_min(1e-30).sqrt(), torch.zeros_like(err))
     return x_next - scale.view(shape) * grad, prediction.detach()
 
 
-def _check_video_inputs(noise, sigmas, cond, forward, valid, grid, space):
+def _check_video_inputs(noise, sigmas, cond, forward, valid, grid, space, previous):
     check_sigmas(sigmas)
     if not isinstance(noise, torch.Tensor) or noise.ndim != 4:
         raise ValueError(f"noise must be a (F, C, h, w) tensor, got {getattr(noise, 'shape', type(noise).__name__)}")
     check_finite("noise", noise)
     f = noise.shape[0]
     h, w = grid
+    flows = f if previous is not None else f - 1  # a window's first frame is guided by the previous window's last
+    what = "flows into every frame, the first from the previous window's last frame" if previous is not None else "flows j-1 -> j"
     if cond is not None and cond.shape[0] != f:
         raise ValueError(f"cond has {cond.shape[0]} frames; expected {f} to match noise")
     if forward is not None:
         flowops.check_flow("forward", forward)
-        check_shape("forward", forward, (f - 1, h, w, 2), f"({space} flows j-1 -> j)")
+        check_shape("forward", forward, (flows, h, w, 2), f"({space} {what})")
     if valid is not None:
-        check_shape("valid", valid, (f - 1, h, w), f"(masks on frame j-1's {space} grid)")
+        check_shape("valid", valid, (flows, h, w), f"(masks on the predecessor's {space} grid)")
+    if previous is not None:
+        check_shape("previous", previous, (len(sigmas) - 1, None, h, w),
+                    f"(the previous window's last-frame predictions, one per step, on the {space} grid)")
 
 
 def sample_video(
@@ -147,76 +165,110 @@ def sample_video(
     Pixel-space guidance: `decode` maps latents (B, C, h, w) -> frames (B, 3, H, W), decoded_size = (H, W),
     and forward / valid are the pixel flows (F-1, H, W, 2) / masks (F-1, H, W).
     """
+    latents, _ = sample_window(denoiser, noise, sigmas, cond, forward, valid, guidance, schedule, max_batch, callback,
+                               decode, decoded_size)
+    return latents
+
+
+def sample_window(
+    denoiser: Denoiser,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    forward: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    schedule: str = "wavefront",
+    max_batch: int | None = None,
+    callback: Callable[[dict], None] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    decoded_size: tuple[int, int] | None = None,
+    previous: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample_video` for one temporal window of a longer video -> (latents (F, C, h, w), carry).
+
+    previous: the carry of the window before (its last frame's prediction at every step, (steps, C', h', w'):
+    latents, or decoded frames with pixel-space guidance); then forward / valid have F rows, row 0 being the
+    flow from that frame into this window's frame 0. Frame 0 is guided by `previous` exactly as it would be
+    by its predecessor inside one long wavefront (the same step index is compared), so windows of any size
+    give the unwindowed numbers to float precision. carry: this window's last frame's predictions, the
+    `previous` of the next window (None for the unguided 'parallel' schedule, which needs none).
+    """
     if (decode is None) != (decoded_size is None):
         raise ValueError("pixel-space guidance needs both decode and decoded_size=(H, W)")
     grid = tuple(decoded_size) if decode is not None else tuple(noise.shape[-2:])
-    _check_video_inputs(noise, sigmas, cond, forward, valid, grid, "latent" if decode is None else "decoded-frame")
+    space = "latent" if decode is None else "decoded-frame"
+    _check_video_inputs(noise, sigmas, cond, forward, valid, grid, space, previous)
     check_choice("schedule", schedule, SCHEDULES)
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
-    f, c = noise.shape[:2]
+    f = noise.shape[0]
     h, w = grid
-    sigmas = sigmas.to(noise.device)
-    x0 = noise * sigmas[0].to(noise.dtype)  # (F, C, h, w)
+    sigmas = sigmas.to(device=noise.device, dtype=noise.dtype)
+    x0 = noise * sigmas[0]  # (F, C, h, w)
     if schedule == "parallel":
         if guidance != 0:
             raise ValueError("schedule 'parallel' ignores the frame order and needs guidance=0; use 'wavefront'")
-        return sample_euler(denoiser, x0, sigmas.to(noise.dtype), cond, callback)
+        return sample_euler(denoiser, x0, sigmas, cond, callback), None
     if forward is None:
         if guidance != 0:
             raise ValueError("guidance > 0 needs the forward latent flows (F-1, h, w, 2)")
-        forward = noise.new_zeros(f - 1, h, w, 2)
+        forward = noise.new_zeros(f - (previous is None), h, w, 2)
     if valid is None:
-        valid = torch.ones(f - 1, h, w, dtype=torch.bool, device=noise.device)
+        valid = torch.ones(f - (previous is None), h, w, dtype=torch.bool, device=noise.device)
+    forward, valid = forward.to(device=noise.device, dtype=noise.dtype), valid.to(noise.device)
+    if previous is None:  # frame 0 has no predecessor: a zero flow, nothing valid, no target
+        forward = torch.cat([forward.new_zeros(1, h, w, 2), forward])  # (F, h, w, 2)
+        valid = torch.cat([valid.new_zeros(1, h, w), valid])  # (F, h, w)
+    else:
+        previous = previous.to(device=noise.device, dtype=noise.dtype)
+    has_target = [previous is not None] + [True] * (f - 1)
     run = _wavefront if schedule == "wavefront" else _sequential
-    return run(denoiser, x0, sigmas.to(noise.dtype), cond, forward.to(noise.dtype), valid, guidance, max_batch, callback,
-               decode)
+    return run(denoiser, x0, sigmas, cond, forward, valid, has_target, previous, guidance, max_batch, callback, decode)
 
 
-def _frame_inputs(j, cond, forward, valid, like):
-    """Per-frame guidance inputs; frame 0 has no predecessor (zero flow, no target)."""
-    fw = forward[j - 1] if j > 0 else forward.new_zeros(forward.shape[1:])
-    ok = valid[j - 1] if j > 0 else valid.new_zeros(valid.shape[1:])
-    c = cond[j] if cond is not None else None
-    return c, fw, ok
+def _no_target(like: torch.Tensor, channels: int) -> torch.Tensor:
+    """Placeholder target of a frame without predecessor (its error is masked out) -> (C', H, W) zeros."""
+    return like.new_zeros(channels, *like.shape[-3:-1])
 
 
-def _stack_or_none(items):
-    return None if items[0] is None else torch.stack(items)
+def _target_channels(x0: torch.Tensor, previous, decode) -> int:
+    if previous is not None:
+        return previous.shape[1]
+    return 3 if decode is not None else x0.shape[1]
 
 
-def _no_target(forward: torch.Tensor, valid: torch.Tensor, channels: int) -> torch.Tensor:
-    """Placeholder target for frame 0 (it has no predecessor; its error is masked out) -> (C', H, W) zeros."""
-    return forward.new_zeros(channels, *valid.shape[-2:])
-
-
-def _sequential(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, callback, decode=None):
+def _sequential(denoiser, x0, sigmas, cond, forward, valid, has_target, previous, strength, max_batch, callback,
+                decode=None):
     """Frame by frame, step by step: frames x steps model calls."""
     steps = len(sigmas) - 1
-    out, previous = [], None  # previous: frame j-1's predictions at every step
+    empty = _no_target(forward, _target_channels(x0, previous, decode))[None]
+    out = []
     for j in range(x0.shape[0]):
         x, current = x0[j : j + 1], []
-        c, fw, ok = _frame_inputs(j, cond, forward, valid, x)
+        c = None if cond is None else cond[j : j + 1]
         for k in range(steps):
-            target = previous[k] if previous is not None else _no_target(forward, valid, 3 if decode else x.shape[1])[None]
+            target = previous[k : k + 1] if previous is not None else empty
             x, denoised = guided_update(
-                denoiser, x, sigmas[k : k + 1], sigmas[k + 1 : k + 2], None if c is None else c[None], target,
-                fw[None], ok[None], torch.tensor([j > 0]), strength, decode,
+                denoiser, x, sigmas[k : k + 1], sigmas[k + 1 : k + 2], c, target, forward[j : j + 1], valid[j : j + 1],
+                has_target[j : j + 1], strength, decode,
             )
-            current.append(denoised)
+            current.append(denoised[0])
             if callback is not None:
                 callback({"frame": j, "step": k, "calls": j * steps + k + 1, "total_calls": x0.shape[0] * steps})
         out.append(x[0])
-        previous = current
-    return torch.stack(out)
+        previous = torch.stack(current)  # (steps, C', H, W): what frame j + 1 is compared with
+    return torch.stack(out), previous
 
 
-def _wavefront(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, callback, decode=None):
+def _wavefront(denoiser, x0, sigmas, cond, forward, valid, has_target, previous, strength, max_batch, callback,
+               decode=None):
     """Diagonal batches: at tick t frame j runs step t - j; frames + steps - 1 batched calls."""
     frames, steps = x0.shape[0], len(sigmas) - 1
     x = x0.clone()
     last_denoised: dict[int, torch.Tensor] = {}  # frame -> its prediction at the previous tick
-    empty = _no_target(forward, valid, 3 if decode else x0.shape[1])
+    empty = _no_target(forward, _target_channels(x0, previous, decode))
+    carry = []  # the last frame's prediction at every step, in step order
     ticks = frames + steps - 1
     for t in range(ticks):
         active = [j for j in range(frames) if 0 <= t - j < steps]
@@ -224,17 +276,97 @@ def _wavefront(denoiser, x0, sigmas, cond, forward, valid, strength, max_batch, 
         new_denoised = {}
         for start in range(0, len(active), chunk):
             batch = active[start : start + chunk]
-            ks = torch.tensor([t - j for j in batch])
-            inputs = [_frame_inputs(j, cond, forward, valid, x) for j in batch]
-            target = torch.stack([last_denoised.get(j - 1, empty) for j in batch])
+            ks = torch.tensor([t - j for j in batch], device=sigmas.device)  # each frame's own step
+            target = torch.stack([last_denoised[j - 1] if j > 0 else (previous[t] if previous is not None else empty)
+                                  for j in batch])
             x_next, denoised = guided_update(
-                denoiser, x[batch], sigmas[ks], sigmas[ks + 1], _stack_or_none([i[0] for i in inputs]), target,
-                torch.stack([i[1] for i in inputs]), torch.stack([i[2] for i in inputs]),
-                torch.tensor([j > 0 for j in batch]), strength, decode,
+                denoiser, x[batch], sigmas[ks], sigmas[ks + 1], None if cond is None else cond[batch], target,
+                forward[batch], valid[batch], [has_target[j] for j in batch], strength, decode,
             )
             x[batch] = x_next
             new_denoised.update({j: d for j, d in zip(batch, denoised)})
         last_denoised = new_denoised
+        if frames - 1 in new_denoised:
+            carry.append(new_denoised[frames - 1])
         if callback is not None:
             callback({"tick": t, "total_ticks": ticks, "frames_done": sum(1 for j in range(frames) if t - j >= steps - 1)})
-    return x
+    return x, torch.stack(carry)
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, stop) of tiles of side `tile` covering [0, size), `overlap` apart at least, the last one flush with
+    the end (so every tile has the full side, which a UNet's size multiple needs); one span if size <= tile."""
+    if size <= tile:
+        return [(0, size)]
+    starts = list(range(0, size - tile, tile - overlap)) + [size - tile]
+    return [(s, s + tile) for s in starts]
+
+
+def _fade(distance: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Blend weight at `distance` (pixel centres, from 0.5) from a tile's inner edge: 0 over the outer quarter of
+    the overlap (those pixels see the tile's zero padding), a raised cosine over the middle half, 1 beyond."""
+    if overlap == 0:
+        return torch.ones_like(distance)
+    margin = overlap / 4
+    u = ((distance - margin) / (overlap - 2 * margin)).clamp(0, 1)
+    return torch.sin(0.5 * math.pi * u) ** 2
+
+
+def tile_weights(span: tuple[int, int], size: int, overlap: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """1-D blend weights of one tile span -> (stop - start,); edges that are the frame's own edges keep weight 1."""
+    start, stop = span
+    d = torch.arange(stop - start, dtype=dtype, device=device) + 0.5
+    w = torch.ones_like(d)
+    if start > 0:
+        w = w * _fade(d, overlap)
+    if stop < size:
+        w = w * _fade(d.flip(0), overlap)
+    return w
+
+
+def _crop_cond(cond, grid: tuple[int, int], ys: tuple[int, int], xs: tuple[int, int]):
+    """Spatial conditioning (B, C, h, w) on the latent grid is cropped with the tile; anything else (prompt
+    embeddings, class labels) is global and passed whole."""
+    if isinstance(cond, torch.Tensor) and cond.ndim == 4 and tuple(cond.shape[-2:]) == grid:
+        return cond[..., ys[0] : ys[1], xs[0] : xs[1]]
+    return cond
+
+
+def tiled_denoiser(denoiser: Denoiser, tile: int, overlap: int | None = None) -> Denoiser:
+    """MultiDiffusion (Bar-Tal et al. 2023, Eq. 5): D(x) = sum_t W_t D(crop_t x) / sum_t W_t, every call.
+
+    The latent is covered by overlapping tile x tile crops (`tile_spans`); each crop is denoised on its own
+    and the predictions are averaged with smooth weights (`tile_weights`, outer product of the 1-D ramps), so
+    the sampler sees one seamless prediction per step: guidance compares that blended prediction, and the flows,
+    masks and noise stay global. overlap defaults to tile // 4. With gradients on (guidance), each tile is
+    checkpointed, so peak memory is one tile's activations, not the frame's.
+    """
+    overlap = tile // 4 if overlap is None else overlap
+    if not (isinstance(tile, int) and tile >= 1):
+        raise ValueError(f"tile must be an integer >= 1 (latent cells), got {tile!r}")
+    if not (isinstance(overlap, int) and 0 <= overlap < tile):
+        raise ValueError(f"overlap must be an integer in [0, tile) = [0, {tile}), got {overlap!r}")
+
+    def tiled(x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        rows, cols = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
+        if len(rows) == len(cols) == 1:
+            return denoiser(x, sigma, cond)
+        checkpoint = torch.is_grad_enabled() and x.requires_grad
+        total = x.new_zeros(x.shape)  # (B, C, h, w) weighted sum of the tile predictions
+        weight = x.new_zeros(h, w)
+        for ys in rows:
+            wy = tile_weights(ys, h, overlap, x.dtype, x.device)
+            for xs in cols:
+                wt = wy[:, None] * tile_weights(xs, w, overlap, x.dtype, x.device)[None]  # (th, tw)
+                crop = x[..., ys[0] : ys[1], xs[0] : xs[1]]
+                c = _crop_cond(cond, (h, w), ys, xs)
+                if checkpoint:
+                    d = torch.utils.checkpoint.checkpoint(denoiser, crop, sigma, c, use_reentrant=False)
+                else:
+                    d = denoiser(crop, sigma, c)
+                total[..., ys[0] : ys[1], xs[0] : xs[1]] += d * wt
+                weight[ys[0] : ys[1], xs[0] : xs[1]] += wt
+        return total / weight
+
+    return tiled

@@ -79,3 +79,15 @@ def sample_clip_audio(tmp_path_factory) -> str:
 def pytest_sessionstart(session):
     """Keep botocore from looking for real credentials/metadata endpoints in tests."""
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: skipped, saying so, where torch sees no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -178,3 +178,69 @@ def test_pixel_space_guidance_checks_its_inputs():
         sampling.sample_video(model, noise, sigmas, None, fwd, valid, decode=decode)
     with pytest.raises(ValueError, match=r"decoded-frame flows"):
         sampling.sample_video(model, noise, sigmas, None, lfwd, lvalid, decode=decode, decoded_size=tuple(fwd.shape[1:3]))
+
+
+class ConvDenoiser(torch.nn.Module):
+    """A tiny conditional conv denoiser that can live on any device (the meta device included)."""
+
+    def __init__(self, c, device=None, dtype=torch.float32):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2 * c, c, 3, padding=1, device=device, dtype=dtype)
+
+    def forward(self, x, sigma, cond=None):
+        a = (S**2 / (S**2 + sigma**2)).view(-1, 1, 1, 1)
+        return a * x + (1 - a) * self.conv(torch.cat([x, cond if cond is not None else torch.zeros_like(x)], 1))
+
+
+def _decoder(c, factor, device, dtype):
+    """A linear image decoder (B, C, h, w) -> (B, 3, h*f, w*f) on `device`, like the PCA autoencoder's."""
+    weight = torch.ones(c, 3, factor, factor, device=device, dtype=dtype) / c
+    return lambda z: torch.nn.functional.conv_transpose2d(z, weight, stride=factor)
+
+
+def _on_device(device, dtype, frames=4, c=4, h=8, w=12, factor=2):
+    """A guided-sampling problem whose every input lives on `device` (real values built on the CPU first)."""
+    fwd, bwd = flow.synthetic_flows(h * factor, w * factor, frames, flow.translation_matrix(1.0, 0.5))
+    valid = flow.occlusion_mask(fwd, bwd)
+    lfwd, lvalid = flow.pixel_to_latent_flow(fwd, factor), flow.pixel_to_latent_mask(valid, factor)
+    g = torch.Generator().manual_seed(5)
+    noise, cond = torch.randn(frames, c, h, w, generator=g), torch.randn(frames, c, h, w, generator=g)
+    move = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    return {"noise": move(noise), "cond": move(cond), "fwd": move(fwd), "valid": move(valid), "lfwd": move(lfwd),
+            "lvalid": move(lvalid), "size": (h * factor, w * factor), "decode": _decoder(c, factor, device, dtype)}
+
+
+def _run_guided(model, p, schedule, space, sigmas, **kw):
+    if space == "pixel":
+        return sampling.sample_video(model, p["noise"], sigmas, p["cond"], p["fwd"], p["valid"], guidance=1.0,
+                                     schedule=schedule, decode=p["decode"], decoded_size=p["size"], **kw)
+    return sampling.sample_video(model, p["noise"], sigmas, p["cond"], p["lfwd"], p["lvalid"], guidance=1.0,
+                                 schedule=schedule, **kw)
+
+
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+@pytest.mark.parametrize("schedule", ["wavefront", "sequential"])
+def test_guided_sampler_runs_on_the_meta_device(schedule, space):
+    """The meta device refuses any CPU tensor mixed into its ops, so this catches every tensor the sampler
+    creates on the wrong device (the CUDA crash of issue 12) without needing a GPU."""
+    p = _on_device("meta", torch.float32)
+    model = ConvDenoiser(4, device="meta")
+    sigmas = sampling.karras_sigmas(3, 0.01, 10.0)  # on the CPU, as callers make it: the sampler moves it
+    out = _run_guided(model, p, schedule, space, sigmas, max_batch=2)
+    assert out.device.type == "meta" and out.shape == p["noise"].shape and out.dtype == torch.float32
+    latents, carry = sampling.sample_window(model, p["noise"][1:], sigmas, p["cond"][1:], p["lfwd"], p["lvalid"],
+                                            guidance=1.0, schedule=schedule, previous=torch.zeros(3, 4, 8, 12, device="meta"))
+    assert latents.device.type == "meta" and carry.shape == (3, 4, 8, 12) and carry.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_guided_sampler_on_cuda_in_fp16_matches_fp32(space):
+    p32, p16 = _on_device("cuda", torch.float32), _on_device("cuda", torch.float16)
+    model = ConvDenoiser(4, device="cuda")
+    sigmas = sampling.karras_sigmas(8, 0.01, 10.0)
+    out32 = _run_guided(model, p32, "wavefront", space, sigmas)
+    out16 = _run_guided(model.half(), p16, "wavefront", space, sigmas)
+    assert out16.dtype == torch.float16 and out16.device.type == "cuda"
+    assert torch.isfinite(out16).all()
+    assert (out16.float() - out32).abs().max() <= 2e-2 * out32.abs().max()
