@@ -99,3 +99,31 @@ def summarize(values: torch.Tensor) -> float:
     """Mean over finite entries (NaN where a frame had no valid pixel)."""
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if finite.numel() else math.nan
+
+
+def seam_ratio(frames: torch.Tensor, rows=(), cols=(), cell: int = 1) -> float:
+    """Visibility of tile seams: mean |gradient| across the given borders / mean |gradient| across the other
+    `cell` boundaries -> ~1 without seams, > 1 with them.
+
+    frames: (F, C, H, W); rows / cols: border coordinates b (between pixels b-1 and b) of horizontal / vertical
+    tile borders, in pixels. cell: the grid the borders lie on (the autoencoder's factor for latent tiles), so a
+    block decoder's own block edges are compared with block edges, not with smooth block interiors.
+    """
+    _check_video("frames", frames)
+    _, _, h, w = frames.shape
+    if not (isinstance(cell, int) and cell >= 1):
+        raise ValueError(f"cell must be an integer >= 1, got {cell!r}")
+    x = frames.double()
+    grad = {"rows": (x[..., 1:, :] - x[..., :-1, :]).abs().mean((0, 1, 3)),  # (H-1,) across row boundary b at b-1
+            "cols": (x[..., 1:] - x[..., :-1]).abs().mean((0, 1, 2))}  # (W-1,)
+    seams, others = [], []
+    for name, borders, size in (("rows", rows, h), ("cols", cols, w)):
+        borders = sorted({int(b) for b in borders})
+        bad = [b for b in borders if not (0 < b < size and b % cell == 0)]
+        if bad:
+            raise ValueError(f"{name} borders {bad} must lie strictly inside (0, {size}) on multiples of cell={cell}")
+        for b in range(cell, size, cell):
+            (seams if b in borders else others).append(grad[name][b - 1])
+    if not seams or not others:
+        raise ValueError("seam_ratio needs at least one border and one other cell boundary to compare with")
+    return float(torch.stack(seams).mean() / torch.stack(others).mean())

@@ -293,6 +293,22 @@ def _wavefront(denoiser, x0, sigmas, cond, forward, valid, has_target, previous,
     return x, torch.stack(carry)
 
 
+def window_spans(frames: int, window: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive temporal windows of `window` frames (None: one window of the whole video)."""
+    if window is None:
+        return [(0, frames)]
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window must be an integer >= 1 (frames), got {window!r}")
+    return [(s, min(s + window, frames)) for s in range(0, frames, window)]
+
+
+def window_flow_rows(span: tuple[int, int]) -> slice:
+    """Rows of the video's (F-1, ...) flows j-1 -> j that `sample_window` needs for window [start, stop): from
+    the previous window's last frame into `start` onwards (none into frame 0 of the video)."""
+    start, stop = span
+    return slice(max(start - 1, 0), stop - 1)
+
+
 def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """[start, stop) of tiles of side `tile` covering [0, size), `overlap` apart at least, the last one flush with
     the end (so every tile has the full side, which a UNet's size multiple needs); one span if size <= tile."""
