@@ -1,8 +1,19 @@
-"""Stage sample: guided per-frame sampling of the whole video (wavefront-batched) on a model worker.
+"""Stage sample: guided per-frame sampling (wavefront-batched) on a model worker, window by window.
 
 `SamplerWorker` holds one model; it runs in-process (`--executor inline`) or as a Ray actor (infra.ray_pool)
 so the model is loaded once per actor and several videos can share it. Inputs and outputs are artifact
 keys: tensors never travel through Prefect.
+
+Temporal windows (`window` frames at a time, None = the whole video): only one window's noise, conditioning
+and flows are read from zarr and held. Each finished window is committed as its own artifact
+(`sample_window/{key}-{start}-{stop}.zarr`: its clean latents and the carry, its last frame's prediction at
+every step), so a killed run resumes at the first uncommitted window, and the next window's first frame is
+guided by the carry exactly as inside one long wavefront. The final `sample` artifact is assembled from the
+window artifacts (frame-chunked, never whole in memory), after which they are removed.
+
+What is in the sample key: `window` is not (windows change memory, not numbers: windowed == unwindowed to float
+precision, tested, so a cached result is valid for any window); `tile` is (blending tile predictions changes
+the numbers slightly, so a tiled and an untiled result are different artifacts).
 """
 
 from __future__ import annotations
@@ -14,16 +25,31 @@ import torch
 import xarray as xr
 
 from ops import sampling
-from tasks._stage import StageRecord, run_stage, stage_key, store_for
+from tasks._stage import run_stage, stage_key, store_for
 from tasks.models import get_model, model_identity
+
+WINDOW_STAGE = "sample_window"  # committed windows of unfinished sample artifacts
 
 
 def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guidance: float, max_batch,
-               guidance_space: str = "latent") -> str:
+               guidance_space: str = "latent", tile: int | None = None) -> str:
+    """Content key of the clean latents; `tile` (latent cells, None = untiled) changes the numbers, a window doesn't."""
     params = {"model": model_identity(model), "steps": steps, "guidance": guidance, "schedule": "wavefront"}
     if guidance > 0 and guidance_space != "latent":  # unguided samples are the same in either space
         params["guidance_space"] = guidance_space
+    if tile is not None:
+        params["tile"] = tile
     return stage_key("sample", params, {"generate_noise": noise, "encode": encode, "estimate_flow": flow})
+
+
+def window_key(key: str, span: tuple[int, int]) -> str:
+    """Key of one committed window [start, stop) of the sample artifact `key`."""
+    return f"{key}-{span[0]}-{span[1]}"
+
+
+def _rows(da: xr.DataArray, rows: slice) -> torch.Tensor:
+    """Read only `rows` of a lazily opened per-frame (or per-frame-pair) array."""
+    return torch.from_numpy(da.isel({da.dims[0]: rows}).values)
 
 
 class SamplerWorker:
@@ -42,43 +68,90 @@ class SamplerWorker:
         with self._lock:
             return dict(self._progress)
 
-    def _callback(self, info: dict) -> None:
+    def _report(self, tick: int, total_ticks: int, frames_done: int) -> None:
+        """Progress over the whole video: `tick` ticks of `total_ticks` done, counted across windows."""
         with self._lock:
-            self._progress = {"tick": info["tick"] + 1, "total_ticks": info["total_ticks"], "frames_done": info["frames_done"]}
+            self._progress = {"tick": tick, "total_ticks": total_ticks, "frames_done": frames_done}
         external = getattr(self, "_external_callback", None)
         if external is not None:
-            external(self._progress)
+            external(dict(self._progress))
 
     def sample(self, work_root: str, storage_options: dict, key: str, noise: str, encode: str, flow: str, steps: int,
-               guidance: float, max_batch=None, guidance_space: str = "latent") -> dict:
+               guidance: float, max_batch=None, guidance_space: str = "latent", window: int | None = None,
+               tile: int | None = None) -> dict:
         """guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
-        latent predictions warped by the latent flow, as the paper)."""
+        latent predictions warped by the latent flow, as the paper). window: frames sampled at a time (None: all);
+        tile: latent tile side for MultiDiffusion tiles (None: whole frames); `key` must be `sample_key(...)` with
+        the same tile. Returns the StageRecord fields; extra = {"windows": n, "windows_computed": [indices]}."""
         if guidance_space not in ("pixel", "latent"):
             raise ValueError(f"guidance_space must be 'pixel' or 'latent' here (resolve 'auto' first), got {guidance_space!r}")
         store = store_for(work_root, storage_options)
         pixel = guidance_space == "pixel" and guidance > 0
+        schedule = "wavefront" if guidance > 0 else "parallel"
+        denoiser = self.model.denoise if tile is None else sampling.tiled_denoiser(self.model.denoise, tile)
+        sigmas = sampling.karras_sigmas(steps, float(self.model.sigma_min), float(self.model.sigma_max))
+        computed: list[int] = []
+        spans: list[tuple[int, int]] = []
+
+        def window_ticks(span):
+            return (span[1] - span[0]) + steps - 1 if schedule == "wavefront" else steps
 
         def compute() -> xr.Dataset:
-            x = torch.from_numpy(store.open("generate_noise", noise)["noise"].values).to(self.device)  # (F, C, h, w)
-            cond = torch.from_numpy(store.open("encode", encode)["cond_latents"].values).to(self.device)
+            noise_da = store.open("generate_noise", noise)["noise"]  # lazy (F, C, h, w)
+            cond_da = store.open("encode", encode)["cond_latents"]
             flows = store.open("estimate_flow", flow)
             prefix = "" if pixel else "latent_"
-            fwd = torch.from_numpy(flows[prefix + "forward"].values).to(self.device)  # (F-1, H, W, 2) or (F-1, h, w, 2)
-            valid = torch.from_numpy(flows[prefix + "valid"].values).to(self.device)
-            decoding = dict(decode=self.model.decode, decoded_size=tuple(fwd.shape[1:3])) if pixel else {}
-            sigmas = sampling.karras_sigmas(steps, float(self.model.sigma_min), float(self.model.sigma_max))
-            schedule = "wavefront" if guidance > 0 else "parallel"
-            start = time.perf_counter()
-            latents = sampling.sample_video(
-                self.model.denoise, x, sigmas, cond, fwd, valid, guidance=guidance, schedule=schedule,
-                max_batch=max_batch, callback=self._callback if schedule == "wavefront" else None, **decoding,
-            )
-            seconds = time.perf_counter() - start
-            return xr.Dataset({"latents": (("frame", "c", "ly", "lx"), latents.float().cpu().numpy())},
+            spans.extend(sampling.window_spans(noise_da.shape[0], window))
+            total = sum(window_ticks(s) for s in spans)
+            done, carry, seconds = 0, None, 0.0
+            for i, span in enumerate(spans):
+                wkey = window_key(key, span)
+                if store.exists(WINDOW_STAGE, wkey):  # committed by an earlier, interrupted run
+                    carry = None
+                    done += window_ticks(span)
+                    self._report(done, total, span[1])
+                    continue
+                if carry is None and i > 0 and schedule == "wavefront":
+                    carry = torch.from_numpy(store.open(WINDOW_STAGE, window_key(key, spans[i - 1]))["carry"].values)
+                frames, rows = slice(*span), sampling.window_flow_rows(span)
+                x = _rows(noise_da, frames).to(self.device)  # (W, C, h, w)
+                cond = _rows(cond_da, frames).to(self.device)
+                fwd = _rows(flows[prefix + "forward"], rows).to(self.device)  # (W or W-1, H, W, 2) or latent grid
+                valid = _rows(flows[prefix + "valid"], rows).to(self.device)
+                decoding = dict(decode=self.model.decode, decoded_size=tuple(flows[prefix + "forward"].shape[1:3])) if pixel else {}
+                offset = done
+
+                def callback(info, span=span, offset=offset):
+                    if "tick" in info:  # wavefront
+                        self._report(offset + info["tick"] + 1, total, span[0] + info["frames_done"])
+                    else:  # parallel: every frame of the window advances one step
+                        last = info["step"] + 1 == info["total"]
+                        self._report(offset + info["step"] + 1, total, span[1] if last else span[0])
+
+                start = time.perf_counter()
+                latents, carry = sampling.sample_window(
+                    denoiser, x, sigmas, cond, fwd, valid, guidance=guidance, schedule=schedule, max_batch=max_batch,
+                    callback=callback, previous=carry, **decoding,
+                )
+                seconds += time.perf_counter() - start
+                data = {"latents": (("frame", "c", "ly", "lx"), latents.float().cpu().numpy())}
+                if carry is not None:  # kept as stored, so a resumed run continues from the very same numbers
+                    carry = carry.float().to(latents.dtype)
+                    data["carry"] = (("step", "cc", "cy", "cx"), carry.float().cpu().numpy())
+                store.write(WINDOW_STAGE, wkey, xr.Dataset(data, attrs={"start": span[0], "stop": span[1]}))
+                computed.append(i)
+                done += window_ticks(span)
+            parts = [store.open(WINDOW_STAGE, window_key(key, s))["latents"] for s in spans]  # lazy, frame chunks
+            latents = xr.concat(parts, dim="frame") if len(parts) > 1 else parts[0]
+            return xr.Dataset({"latents": latents},
                               attrs={"steps": steps, "guidance": guidance, "guidance_space": guidance_space if guidance > 0 else "none",
-                                     "sampling_seconds": seconds, "device": self.device})
+                                     "sampling_seconds": seconds, "device": self.device, "window": window or 0,
+                                     "tile": tile or 0})
 
         record = run_stage(store, "sample", key, compute)
+        for span in spans:  # the published artifact holds every frame; the windows are no longer needed
+            store.remove(WINDOW_STAGE, window_key(key, span))
+        record.extra = {"windows": len(spans), "windows_computed": computed}
         return record.__dict__
 
 
