@@ -116,8 +116,10 @@ class SamplerWorker:
                 frames, rows = slice(*span), sampling.window_flow_rows(span)
                 x = _rows(noise_da, frames).to(self.device)  # (W, C, h, w)
                 cond = _rows(cond_da, frames).to(self.device)
-                fwd = _rows(flows[prefix + "forward"], rows).to(self.device)  # (W or W-1, H, W, 2) or latent grid
-                valid = _rows(flows[prefix + "valid"], rows).to(self.device)
+                fwd = valid = None  # unguided frames are independent: no flows to read
+                if schedule == "wavefront":
+                    fwd = _rows(flows[prefix + "forward"], rows).to(self.device)  # (W or W-1, H, W, 2) or latent grid
+                    valid = _rows(flows[prefix + "valid"], rows).to(self.device)
                 decoding = dict(decode=self.model.decode, decoded_size=tuple(flows[prefix + "forward"].shape[1:3])) if pixel else {}
                 offset = done
 

@@ -43,9 +43,9 @@ def write_inputs(work_root: str, frames: int = 8, size: int = 64) -> None:
         "latent_forward": (lpair, lfwd.float().numpy()), "latent_valid": (lpair[:3], lvalid.numpy())}))
 
 
-def request(work_root: str, space: str = "latent", steps: int = 4, tile=None, **kw) -> dict:
-    key = sample_stage.sample_key(KEYS["noise"], KEYS["encode"], KEYS["flow"], MODEL, steps, 1.0, None, space, tile)
-    return dict(work_root=work_root, storage_options={}, key=key, steps=steps, guidance=1.0, guidance_space=space,
+def request(work_root: str, space: str = "latent", steps: int = 4, tile=None, guidance=1.0, **kw) -> dict:
+    key = sample_stage.sample_key(KEYS["noise"], KEYS["encode"], KEYS["flow"], MODEL, steps, guidance, None, space, tile)
+    return dict(work_root=work_root, storage_options={}, key=key, steps=steps, guidance=guidance, guidance_space=space,
                 tile=tile, **KEYS, **kw)
 
 
@@ -58,25 +58,26 @@ def worker():
     return sample_stage.SamplerWorker(MODEL, device="cpu")
 
 
-@pytest.mark.parametrize("space", ["latent", "pixel"])
-def test_windowed_stage_equals_whole_video_and_reports_ticks_across_windows(tmp_path, worker, space):
+@pytest.mark.parametrize("space, guidance", [("latent", 1.0), ("pixel", 1.0), ("latent", 0.0)])
+def test_windowed_stage_equals_whole_video_and_reports_ticks_across_windows(tmp_path, worker, space, guidance):
     roots = {name: str(tmp_path / name) for name in ("whole", "windowed")}
     for root in roots.values():
         write_inputs(root, frames=6)
-    whole = worker.sample(**request(roots["whole"], space, steps=3))
+    whole = worker.sample(**request(roots["whole"], space, steps=3, guidance=guidance))
     seen = []
     worker._external_callback = seen.append
     try:
-        rec = worker.sample(**request(roots["windowed"], space, steps=3, window=2))
+        rec = worker.sample(**request(roots["windowed"], space, steps=3, guidance=guidance, window=2))
     finally:
         worker._external_callback = None
     assert rec["key"] == whole["key"]  # the window is an execution choice, not part of the result's identity
     assert rec["extra"] == {"windows": 3, "windows_computed": [0, 1, 2]}
     a, b = latents(roots["whole"], whole["key"]), latents(roots["windowed"], rec["key"])
     assert a.shape == (6, 32, 8, 8) and (a - b).abs().max() <= 1e-5 * a.abs().max()
-    # progress: one tick per wavefront tick of every window (2 frames + 3 steps - 1), in order, ending at the total
+    # progress: one tick per wavefront tick of every window (2 frames + 3 steps - 1; unguided: one per step), in order
+    per_window = 4 if guidance > 0 else 3
     ticks = [s["tick"] for s in seen]
-    assert ticks == list(range(1, 3 * 4 + 1)) and all(s["total_ticks"] == 12 for s in seen)
+    assert ticks == list(range(1, 3 * per_window + 1)) and all(s["total_ticks"] == 3 * per_window for s in seen)
     assert [s["frames_done"] for s in seen][-1] == 6
     assert not list(Path(roots["windowed"], sample_stage.WINDOW_STAGE).glob("*.zarr"))  # windows removed once published
 
