@@ -231,7 +231,7 @@ def test_guided_sampler_runs_on_the_meta_device(schedule, space):
     latents, carry = sampling.sample_window(model, p["noise"][1:], sigmas, p["cond"][1:], p["lfwd"], p["lvalid"],
                                             guidance=1.0, schedule=schedule, previous=torch.zeros(3, 4, 8, 12, device="meta"))
     assert latents.device.type == "meta" and carry.shape == (3, 4, 8, 12) and carry.device.type == "meta"
-    tiled = _run_guided(sampling.tiled_denoiser(model, 4, 2), p, schedule, space, sigmas)  # blend weights, checkpoints
+    tiled = _run_guided(sampling.tiled_denoiser(model, 6, 2), p, schedule, space, sigmas)  # blend weights, checkpoints
     assert tiled.device.type == "meta" and tiled.shape == p["noise"].shape
 
 
