@@ -106,8 +106,8 @@ def guided_update(
     x: (B, C, h, w); sigma, sigma_next: (B,); target: predecessor predictions (ignored where has_target is
     False), (B, C, h, w) latents or, with `decode`, (B, 3, H, W) decoded frames, matching forward (B, ., ., 2)
     and valid. has_target: B booleans known on the host (a list, or a CPU bool tensor); the mask is built on
-    x's device, so no host-device sync and no CPU tensor meets a CUDA one. Returns (x_next, prediction):
-    prediction is what the next frame is compared with (decoded with `decode`).
+    x's device, so no host-device sync and no CPU tensor meets a CUDA one. Returns (x_next, prediction,
+    denoised): prediction is what the next frame is compared with (decoded with `decode`), denoised the latent D(x).
     """
     flags = [bool(v) for v in has_target]
     x = x.detach().requires_grad_(True)
@@ -120,7 +120,7 @@ def guided_update(
     shape = (-1,) + (1,) * (x.ndim - 1)
     x_next = euler_step(x.detach(), denoised.detach(), sigma.view(shape), sigma_next.view(shape))
     scale = torch.where(err > 0, strength / err.detach().clamp_min(1e-30).sqrt(), torch.zeros_like(err))
-    return x_next - scale.view(shape) * grad, prediction.detach()
+    return x_next - scale.view(shape) * grad, prediction.detach(), denoised.detach()
 
 
 def _check_video_inputs(noise, sigmas, cond, forward, valid, grid, space, previous):
@@ -140,8 +140,8 @@ def _check_video_inputs(noise, sigmas, cond, forward, valid, grid, space, previo
     if valid is not None:
         check_shape("valid", valid, (flows, h, w), f"(masks on the predecessor's {space} grid)")
     if previous is not None:
-        check_shape("previous", previous, (len(sigmas) - 1, None, h, w),
-                    f"(the previous window's last-frame predictions, one per step, on the {space} grid)")
+        check_shape("previous", previous, (len(sigmas) - 1, *noise.shape[1:]),
+                    "(the previous window's last-frame latent predictions, one per step)")
 
 
 def sample_video(
@@ -187,9 +187,9 @@ def sample_window(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`sample_video` for one temporal window of a longer video -> (latents (F, C, h, w), carry).
 
-    previous: the carry of the window before (its last frame's prediction at every step, (steps, C', h', w'):
-    latents, or decoded frames with pixel-space guidance); then forward / valid have F rows, row 0 being the
-    flow from that frame into this window's frame 0. Frame 0 is guided by `previous` exactly as it would be
+    previous: the carry of the window before (its last frame's latent prediction at every step, (steps, C, h, w),
+    decoded here when guidance is in pixel space: 3 f^2 / C times smaller to keep than decoded frames); then
+    forward / valid have F rows, row 0 being the flow from that frame into this window's frame 0. Frame 0 is guided by `previous` exactly as it would be
     by its predecessor inside one long wavefront (the same step index is compared), so windows of any size
     give the unwindowed numbers to float precision. carry: this window's last frame's predictions, the
     `previous` of the next window (None for the unguided 'parallel' schedule, which needs none).
@@ -232,33 +232,34 @@ def _no_target(like: torch.Tensor, channels: int) -> torch.Tensor:
     return like.new_zeros(channels, *like.shape[-3:-1])
 
 
-def _target_channels(x0: torch.Tensor, previous, decode) -> int:
-    if previous is not None:
-        return previous.shape[1]
-    return 3 if decode is not None else x0.shape[1]
+def _carried_target(previous, k, decode) -> torch.Tensor:
+    """The previous window's last frame's prediction at step k as a guidance target -> (1, C', H, W)."""
+    return previous[k : k + 1] if decode is None else decode(previous[k : k + 1])
 
 
 def _sequential(denoiser, x0, sigmas, cond, forward, valid, has_target, previous, strength, max_batch, callback,
                 decode=None):
     """Frame by frame, step by step: frames x steps model calls."""
     steps = len(sigmas) - 1
-    empty = _no_target(forward, _target_channels(x0, previous, decode))[None]
+    empty = _no_target(forward, 3 if decode is not None else x0.shape[1])[None]
+    targets = None  # frame j-1's predictions at every step (frame 0: decoded from the carry one step at a time)
     out = []
     for j in range(x0.shape[0]):
-        x, current = x0[j : j + 1], []
+        x, current, latents = x0[j : j + 1], [], []
         c = None if cond is None else cond[j : j + 1]
         for k in range(steps):
-            target = previous[k : k + 1] if previous is not None else empty
-            x, denoised = guided_update(
-                denoiser, x, sigmas[k : k + 1], sigmas[k + 1 : k + 2], c, target, forward[j : j + 1], valid[j : j + 1],
-                has_target[j : j + 1], strength, decode,
+            x, prediction, denoised = guided_update(
+                denoiser, x, sigmas[k : k + 1], sigmas[k + 1 : k + 2], c,
+                targets[k] if targets is not None else (empty if previous is None else _carried_target(previous, k, decode)),
+                forward[j : j + 1], valid[j : j + 1], has_target[j : j + 1], strength, decode,
             )
-            current.append(denoised[0])
+            current.append(prediction)
+            latents.append(denoised[0])
             if callback is not None:
                 callback({"frame": j, "step": k, "calls": j * steps + k + 1, "total_calls": x0.shape[0] * steps})
         out.append(x[0])
-        previous = torch.stack(current)  # (steps, C', H, W): what frame j + 1 is compared with
-    return torch.stack(out), previous
+        targets = current  # frame j's predictions: what frame j + 1 is compared with, step by step
+    return torch.stack(out), torch.stack(latents)
 
 
 def _wavefront(denoiser, x0, sigmas, cond, forward, valid, has_target, previous, strength, max_batch, callback,
@@ -267,7 +268,7 @@ def _wavefront(denoiser, x0, sigmas, cond, forward, valid, has_target, previous,
     frames, steps = x0.shape[0], len(sigmas) - 1
     x = x0.clone()
     last_denoised: dict[int, torch.Tensor] = {}  # frame -> its prediction at the previous tick
-    empty = _no_target(forward, _target_channels(x0, previous, decode))
+    empty = _no_target(forward, 3 if decode is not None else x0.shape[1])
     carry = []  # the last frame's prediction at every step, in step order
     ticks = frames + steps - 1
     for t in range(ticks):
@@ -277,17 +278,18 @@ def _wavefront(denoiser, x0, sigmas, cond, forward, valid, has_target, previous,
         for start in range(0, len(active), chunk):
             batch = active[start : start + chunk]
             ks = torch.tensor([t - j for j in batch], device=sigmas.device)  # each frame's own step
-            target = torch.stack([last_denoised[j - 1] if j > 0 else (previous[t] if previous is not None else empty)
+            target = torch.stack([last_denoised[j - 1] if j > 0 else
+                                  (_carried_target(previous, t, decode)[0] if previous is not None else empty)
                                   for j in batch])
-            x_next, denoised = guided_update(
+            x_next, prediction, denoised = guided_update(
                 denoiser, x[batch], sigmas[ks], sigmas[ks + 1], None if cond is None else cond[batch], target,
                 forward[batch], valid[batch], [has_target[j] for j in batch], strength, decode,
             )
             x[batch] = x_next
-            new_denoised.update({j: d for j, d in zip(batch, denoised)})
+            new_denoised.update({j: d for j, d in zip(batch, prediction)})
+            if frames - 1 in batch:
+                carry.append(denoised[batch.index(frames - 1)])  # (C, h, w), in step order
         last_denoised = new_denoised
-        if frames - 1 in new_denoised:
-            carry.append(new_denoised[frames - 1])
         if callback is not None:
             callback({"tick": t, "total_ticks": ticks, "frames_done": sum(1 for j in range(frames) if t - j >= steps - 1)})
     return x, torch.stack(carry)

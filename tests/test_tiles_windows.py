@@ -52,10 +52,13 @@ def test_windowed_wavefront_equals_unwindowed_in_pixel_space_and_sequential_carr
     whole = sampling.sample_video(model, noise, sigmas, None, fwd, valid, guidance=1.0, **pixel)
     windowed = _windowed(model, noise, sigmas, None, fwd, valid, 2, **pixel)
     assert (windowed - whole).abs().max() <= 1e-12
-    # the carry is the decoded prediction of the last frame at every step, whichever schedule made it
+    # the carry is the last frame's latent prediction at every step (decoded where used), whichever schedule made it
     _, wave = sampling.sample_window(model, noise[:2], sigmas, None, fwd[:1], valid[:1], **pixel)
     _, seq = sampling.sample_window(model, noise[:2], sigmas, None, fwd[:1], valid[:1], schedule="sequential", **pixel)
-    assert wave.shape == (5, 3, *fwd.shape[1:3]) and (wave - seq).abs().max() <= 1e-12
+    assert wave.shape == (5, *noise.shape[1:]) and (wave - seq).abs().max() <= 1e-12
+    # and the sequential schedule carries across windows as well
+    seq_windowed = _windowed(model, noise, sigmas, None, fwd, valid, 2, schedule="sequential", **pixel)
+    assert (seq_windowed - whole).abs().max() <= 1e-9
 
 
 def test_window_checks_its_carry():
