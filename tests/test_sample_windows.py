@@ -145,3 +145,17 @@ def test_sigkill_in_window_three_resumes_at_window_three_with_identical_output(t
     out = _run(clean)  # an uninterrupted run of the same request
     assert "EXTRA {'windows': 4, 'windows_computed': [0, 1, 2, 3]}" in out, out
     assert torch.equal(latents(killed, key), latents(clean, key))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_stage_on_cuda_matches_cpu_with_windows_and_tiles(tmp_path, worker, space):
+    """The embedded model samples on CUDA, in windows and tiles, to the CPU's numbers (fp32, TF32 aside)."""
+    roots = {name: str(tmp_path / name) for name in ("cpu", "cuda")}
+    for root in roots.values():
+        write_inputs(root, frames=5, size=128)
+    cpu = worker.sample(**request(roots["cpu"], space, steps=4, tile=8, window=2))
+    cuda = sample_stage.SamplerWorker(MODEL, device="cuda").sample(**request(roots["cuda"], space, steps=4, tile=8, window=2))
+    a, b = latents(roots["cpu"], cpu["key"]), latents(roots["cuda"], cuda["key"])
+    assert store_for(roots["cuda"], {}).open("sample", cuda["key"]).attrs["device"] == "cuda"
+    assert (a - b).abs().max() <= 1e-2 * a.abs().max()
