@@ -269,7 +269,7 @@ def _wavefront(denoiser, x0, sigmas, cond, forward, valid, has_target, previous,
     x = x0.clone()
     last_denoised: dict[int, torch.Tensor] = {}  # frame -> its prediction at the previous tick
     empty = _no_target(forward, 3 if decode is not None else x0.shape[1])
-    carry = []  # the last frame's prediction at every step, in step order
+    carry = []  # the last frame's latent prediction at every step, in step order: the next window's `previous`
     ticks = frames + steps - 1
     for t in range(ticks):
         active = [j for j in range(frames) if 0 <= t - j < steps]
