@@ -1,5 +1,6 @@
 """Stage prepare (the DESIGN's `degrade`): build the model's conditioning frames, masks and, in benchmark mode,
-the ground truth. Frame sizes are padded (reflect) to multiples of the latent factor and cropped back at decode.
+the ground truth. Frame sizes are padded (reflect, bottom/right) to the model's own multiple (latent factor x the
+denoiser's downsampling, `tasks.models.pad_multiple`) and cropped back at decode.
 
 sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
@@ -8,6 +9,8 @@ inpaint, benchmark: input = ground truth           -> masks generated from the s
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -18,11 +21,18 @@ from ops import degrade
 from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
-FACTOR = 8
+SR_SCALE = 8  # the sr8 task: 8x super-resolution (a property of the task, not of a model)
+FACTOR = SR_SCALE  # the name tasks.decode imports
 
 
-def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None) -> str:
-    return stage_key("prepare", {"task": task_name, "mode": mode, "seed": seed, "mask": mask_ident}, {"extract_frames": extract})
+def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None, multiple: int) -> str:
+    return stage_key("prepare", {"task": task_name, "mode": mode, "seed": seed, "mask": mask_ident, "multiple": multiple},
+                     {"extract_frames": extract})
+
+
+def low_res_multiple(multiple: int) -> int:
+    """sr8 restore pads the low-res input: the smallest m with SR_SCALE * m a multiple of the model's `multiple`."""
+    return multiple // math.gcd(multiple, SR_SCALE)
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -60,24 +70,25 @@ def load_mask(url: str, frames: int, height: int, width: int, storage_options=No
     return masks > 127
 
 
-def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_url, storage_options) -> xr.Dataset:
+def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_url, storage_options, multiple: int) -> xr.Dataset:
+    """`multiple`: frame sizes the model takes (tasks.models.pad_multiple); frames are reflect-padded to it."""
     frames = extracted["frames"].values  # (F, H, W, 3) uint8
     f, h, w, _ = frames.shape
     data, attrs = {}, {"task": task_name, "mode": mode}
     if task_name == "sr8":
         if mode == "benchmark":
-            truth, (ph, pw) = pad_to_multiple(frames, FACTOR)
-            low = degrade.downsample(_to_float(truth), FACTOR)  # (F, 3, H/8, W/8)
+            truth, _ = pad_to_multiple(frames, math.lcm(multiple, SR_SCALE))
+            low = degrade.downsample(_to_float(truth), SR_SCALE)  # (F, 3, H/8, W/8)
             data["truth"] = (("frame", "y", "x", "rgb"), truth)
             attrs.update(height=h, width=w)
         else:
-            low = _to_float(frames)
-            attrs.update(height=h * FACTOR, width=w * FACTOR)
-        cond = degrade.upsample(low, FACTOR)  # (F, 3, H, W)
+            low = _to_float(pad_to_multiple(frames, low_res_multiple(multiple))[0])  # (F, 3, h', w')
+            attrs.update(height=h * SR_SCALE, width=w * SR_SCALE)
+        cond = degrade.upsample(low, SR_SCALE)  # (F, 3, H, W)
         data["input"] = (("frame", "ly", "lx", "rgb"), _to_uint8(low))
         data["cond"] = (("frame", "y", "x", "rgb"), _to_uint8(cond))
     else:
-        padded, (ph, pw) = pad_to_multiple(frames, FACTOR)
+        padded, _ = pad_to_multiple(frames, multiple)
         if mode == "benchmark":
             gen = torch.Generator().manual_seed(seed)
             mask = degrade.random_masks(gen, 1, padded.shape[1], padded.shape[2]).expand(f, -1, -1, -1)  # (F, 1, H, W)
@@ -95,6 +106,8 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
 
 
 @task(name="prepare", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def prepare(work_root: str, storage_options: dict, key: str, extract: str, task_name: str, mode: str, seed: int, mask_url) -> StageRecord:
+def prepare(work_root: str, storage_options: dict, key: str, extract: str, task_name: str, mode: str, seed: int, mask_url,
+            multiple: int) -> StageRecord:
     store = store_for(work_root, storage_options)
-    return run_stage(store, "prepare", key, lambda: compute(store.open("extract_frames", extract).load(), task_name, mode, seed, mask_url, storage_options))
+    return run_stage(store, "prepare", key, lambda: compute(store.open("extract_frames", extract).load(), task_name, mode, seed,
+                                                            mask_url, storage_options, multiple))
