@@ -171,8 +171,8 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
 
     # 8. metrics and outputs
     t_out = time.perf_counter()
-    restored = store.open("decode", k_dec).load()
-    prepared = store.open("prepare", k_prep).load()
+    restored = store.open("decode", k_dec)  # lazy: metrics and the writers read chunks of frames
+    prepared = store.open("prepare", k_prep)
     extracted = store.open("extract_frames", k_extract)
     k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
     computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, restored, prepared, k_flow, k_sample)
@@ -201,8 +201,10 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     ) as run:
         report["mlflow_run_id"] = run.info.run_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
-        audio = cfg.input if extracted.attrs.get("info_has_audio") and cfg.frame_range[0] == 0 else None
-        urls = outputs.write_outputs(cfg.out, restored["frames"].values, prepared, fps, audio, computed["per_frame"], opts)
+        times, start_s = outputs.source_times(cfg.input, cfg.frame_range[0], int(restored.sizes["frame"]), fps, opts)
+        audio = cfg.input if extracted.attrs.get("info_has_audio") else None
+        urls = outputs.write_outputs(cfg.out, restored["frames"], prepared, fps, audio, computed["per_frame"], opts,
+                                     times=times, audio_start=start_s)
         report["timings_s"]["outputs"] = round(time.perf_counter() - t_out, 3)
         report["timings_s"]["total"] = round(time.perf_counter() - t_total, 3)
         report["outputs"] = urls

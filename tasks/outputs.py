@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import xarray as xr
 
 from ops import metrics
 from storage.artifacts import write_bytes_atomic, write_json_atomic
-from storage.video import write_video
+from storage.video import VideoError, frame_times, write_video
 from tasks._stage import StageRecord, run_stage, stage_key
 
 
@@ -78,9 +79,11 @@ def cached_metrics(store, key: str, restored: xr.Dataset, prepared: xr.Dataset, 
 
 
 def comparison_frames(restored: np.ndarray, prepared: xr.Dataset) -> np.ndarray:
-    """input | restored | truth (when known), side by side -> (F, H, k*W, 3)."""
+    """input | restored | truth (when known), side by side -> (F, H, k*W, 3). The input is enlarged to the padded
+    frame (the conditioning's size) and cropped like the output, so the panels line up."""
     h, w = restored.shape[1:3]
-    panels = [_resize_nearest(prepared["input"].values, h, w)[:, :h, :w], restored]
+    ch, cw = prepared["cond"].shape[1:3]
+    panels = [_resize_nearest(np.asarray(prepared["input"].values), ch, cw)[:, :h, :w], restored]
     if "truth" in prepared:
         panels.append(prepared["truth"].values[:, :h, :w])
     return np.concatenate(panels, axis=2)
@@ -107,11 +110,56 @@ def warping_error_plot(per_frame: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(out: str, restored: np.ndarray, prepared: xr.Dataset, fps: float, audio_from: str | None, per_frame: dict, storage_options=None) -> dict:
-    """Publish the videos and the plot atomically; returns every output URL (metrics.json is written last by the flow)."""
+def source_times(url: str, start: int, frames: int, fps: float, storage_options=None) -> tuple[np.ndarray | None, float]:
+    """Presentation times of frames [start, start + frames) of the source, first at 0 (variable frame rate kept),
+    and where frame `start` sits on the source's clock (so its audio segment can be cut to match).
+    (None, start / fps) when the packets do not give one time per frame."""
+    try:
+        times = frame_times(url, storage_options)
+    except VideoError:
+        return None, start / fps
+    if len(times) < start + frames:
+        return None, start / fps
+    chosen = times[start:start + frames]
+    if np.any(np.diff(chosen) <= 0):
+        return None, start / fps
+    return chosen - chosen[0], float(chosen[0])
+
+
+def frame_chunks(array) -> Iterator[tuple[int, np.ndarray]]:
+    """(first frame, block (f, ...)) of a (frame, ...) array, one stored chunk of frames at a time (zarr chunks along
+    `frame`; never the whole video); a numpy array comes in blocks of 8 frames."""
+    n = int(array.shape[0])
+    chunks = getattr(array, "chunks", None)
+    step = int(chunks[0][0]) if chunks and isinstance(chunks[0], tuple) and chunks[0] else 8
+    for s in range(0, n, step):
+        yield s, np.asarray(array[s:s + step])
+
+
+def iter_frames(array) -> Iterator[np.ndarray]:
+    """The (H, W, 3) frames of a (frame, y, x, rgb) array, read chunk by chunk."""
+    for _, block in frame_chunks(array):
+        yield from block
+
+
+def _comparison_chunks(restored, prepared: xr.Dataset) -> Iterator[np.ndarray]:
+    for s, block in frame_chunks(restored):
+        yield from comparison_frames(block, prepared.isel(frame=slice(s, s + len(block))))
+
+
+def write_outputs(out: str, restored, prepared: xr.Dataset, fps: float, audio_from: str | None, per_frame: dict, storage_options=None,
+                  times=None, audio_start: float = 0.0) -> dict:
+    """Publish the videos and the plot atomically; returns every output URL (metrics.json is written last by the flow).
+
+    restored: (frame, y, x, rgb) uint8, lazy (zarr/dask) or numpy; the videos are encoded as chunks of frames are
+    read. times: per-frame presentation times (s, first 0) to keep a variable frame rate; audio_start: where the
+    first frame sits on audio_from's clock, so a frame range keeps its own audio segment."""
     urls = {name: f"{out.rstrip('/')}/{name}" for name in ("restored.mp4", "comparison.mp4", "warping_error.png", "metrics.json")}
-    write_video(urls["restored.mp4"], restored, fps, audio_from=audio_from, storage_options=storage_options)
-    write_video(urls["comparison.mp4"], comparison_frames(restored, prepared), fps, storage_options=storage_options)
+    n = int(restored.shape[0])
+    write_video(urls["restored.mp4"], iter_frames(restored), fps, audio_from=audio_from, storage_options=storage_options,
+                times=times, audio_start=audio_start, n_frames=n)
+    write_video(urls["comparison.mp4"], _comparison_chunks(restored, prepared), fps, storage_options=storage_options,
+                times=times, n_frames=n)
     write_bytes_atomic(urls["warping_error.png"], warping_error_plot(per_frame), storage_options=storage_options)
     return urls
 
