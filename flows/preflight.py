@@ -20,11 +20,10 @@ frame and step (CPU, one thread; guidance included), x the tile overlap.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 
 from storage.video import VideoError
-from tasks.prepare import SR_SCALE, low_res_multiple
+from tasks.prepare import input_multiple, output_scale
 
 GIB = 2**30
 BASE_BYTES = 1 * GIB  # interpreter + torch + prefect + the embedded model (measured ~0.85 GB)
@@ -99,18 +98,14 @@ def _duration(seconds: float) -> str:
 
 def output_size(task: str, mode: str, width: int, height: int) -> tuple[int, int]:
     """restored.mp4's frame size: sr8 restore upscales the input by 8, everything else keeps it."""
-    if task == "sr8" and mode == "restore":
-        return width * SR_SCALE, height * SR_SCALE
-    return width, height
+    scale = output_scale(task, mode)
+    return width * scale, height * scale
 
 
 def padded_size(task: str, mode: str, width: int, height: int, multiple: int) -> tuple[int, int]:
-    """The frame size the model works on: the output padded to `multiple` (sr8: the low-res input padded)."""
-    if task == "sr8" and mode == "restore":
-        low = low_res_multiple(multiple)
-        return _ceil_to(width, low) * SR_SCALE, _ceil_to(height, low) * SR_SCALE
-    m = math.lcm(multiple, SR_SCALE) if task == "sr8" else multiple
-    return _ceil_to(width, m), _ceil_to(height, m)
+    """The frame size the model works on: the input padded as prepare pads it, times the output scale."""
+    m, scale = input_multiple(task, mode, multiple), output_scale(task, mode)
+    return _ceil_to(width, m) * scale, _ceil_to(height, m) * scale
 
 
 def _ceil_to(n: int, m: int) -> int:

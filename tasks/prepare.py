@@ -30,9 +30,18 @@ def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: 
                      {"extract_frames": extract})
 
 
-def low_res_multiple(multiple: int) -> int:
-    """sr8 restore pads the low-res input: the smallest m with SR_SCALE * m a multiple of the model's `multiple`."""
-    return multiple // math.gcd(multiple, SR_SCALE)
+def input_multiple(task_name: str, mode: str, multiple: int) -> int:
+    """The input frames are reflect-padded to this so the model's frames are multiples of its `multiple`: sr8 restore
+    pads the low-res input (the smallest m with SR_SCALE * m a multiple), sr8 benchmark pads the truth so it also
+    divides by SR_SCALE, inpainting pads to `multiple`."""
+    if task_name == "sr8":
+        return multiple // math.gcd(multiple, SR_SCALE) if mode == "restore" else math.lcm(multiple, SR_SCALE)
+    return multiple
+
+
+def output_scale(task_name: str, mode: str) -> int:
+    """Output frame size / input frame size: SR_SCALE for sr8 restore, else 1."""
+    return SR_SCALE if (task_name, mode) == ("sr8", "restore") else 1
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -79,15 +88,15 @@ def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int,
     data = {}
     if task_name == "sr8":
         if mode == "benchmark":
-            truth, _ = pad_to_multiple(frames, math.lcm(multiple, SR_SCALE))
+            truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
             low = degrade.downsample(_to_float(truth), SR_SCALE)  # (n, 3, H/8, W/8)
             data["truth"] = truth
         else:
-            low = _to_float(pad_to_multiple(frames, low_res_multiple(multiple))[0])  # (n, 3, h', w')
+            low = _to_float(pad_to_multiple(frames, input_multiple(task_name, mode, multiple))[0])  # (n, 3, h', w')
         data["input"] = _to_uint8(low)
         data["cond"] = _to_uint8(degrade.upsample(low, SR_SCALE))  # (n, H, W, 3)
     else:
-        padded, _ = pad_to_multiple(frames, multiple)
+        padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
         holes = torch.from_numpy(np.broadcast_to(mask, (len(frames), *mask.shape[1:])).astype(np.float32))[:, None]  # (n, 1, H, W)
         if mode == "benchmark":
             data["truth"] = padded
@@ -116,11 +125,12 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
     source = extracted["frames"]  # (F, H, W, 3) uint8, lazily indexed
     f, h, w, _ = source.shape
     step = _frames_per_chunk(source)
-    attrs = {"task": task_name, "mode": mode, "height": h * (SR_SCALE if (task_name, mode) == ("sr8", "restore") else 1),
-             "width": w * (SR_SCALE if (task_name, mode) == ("sr8", "restore") else 1)}
+    scale = output_scale(task_name, mode)
+    attrs = {"task": task_name, "mode": mode, "height": h * scale, "width": w * scale}
     holes = None
     if task_name != "sr8":
-        ph, pw = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+        m = input_multiple(task_name, mode, multiple)
+        ph, pw = -(-h // m) * m, -(-w // m) * m
         if mode == "benchmark":  # one mask for every frame, from the seed
             holes = degrade.random_masks(torch.Generator().manual_seed(seed), 1, ph, pw)[:, 0].numpy()  # (1, H, W), 1 = hole
         else:
