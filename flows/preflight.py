@@ -6,15 +6,16 @@ A job whose output frame exceeds `max_output_pixels`, or whose peak memory canno
 even with the smallest window and tile, is refused with a `PreflightError` (a VideoError: CLI exit code 2)
 that names the numbers and the way out (--tile, --window, --frames, --max-output-pixels, another task/mode).
 
-The memory model (bytes), measured on the embedded sr8 models with pixel-space guidance (BENCHMARKS: a
-640x272 benchmark run of 8 frames peaks at 1.55 GB, a 96x64 -> 768x512 restore of 6 frames at 1.51 GB,
-the process alone at ~0.85 GB):
+The memory model (bytes), measured on the embedded sr8 models with pixel-space guidance: the process alone
+peaks at ~0.85 GB; a 640x272 benchmark run (2 steps) at 1.17 GB for 8 frames and 1.54 GB for 32 frames, i.e.
+~90 bytes per padded pixel per resident frame (with prepare, metrics and the writers streamed):
 
-    peak = BASE + window * (FRAME_BYTES * padded_pixels + sampler_bytes(tile area))
+    peak = BASE + window * FRAME_BYTES_PER_PX * padded_pixels + batch * sampler_bytes(tile area)
     sampler_bytes(a) = SAMPLER_BYTES_PER_LATENT_PX * a + attention(a)   (per frame of the wavefront batch)
+    batch = min(window, steps, max_batch): the frames a guided wavefront tick denoises at once (unguided: all)
 
-i.e. ~500 bytes per output pixel per resident frame in all. Time: SECONDS_PER_LATENT_PX_STEP per latent pixel,
-frame and step (CPU, one thread; guidance included), x the tile overlap.
+The constants carry a margin over the measurements. Time: SECONDS_PER_LATENT_PX_STEP per latent pixel, frame
+and step (measured 31-34 us on one idle CPU thread, guided), x the tile overlap.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tasks.prepare import input_multiple, output_scale
 
 GIB = 2**30
 BASE_BYTES = 1 * GIB  # interpreter + torch + prefect + the embedded model (measured ~0.85 GB)
-FRAME_BYTES_PER_PX = 200  # whole-frame arrays per output pixel: frames, conditioning, flows, positions, decoded
+FRAME_BYTES_PER_PX = 128  # resident arrays per padded pixel and frame: frames, conditioning, flows, positions, latents
 SAMPLER_BYTES_PER_LATENT_PX = 300 * 64  # UNet activations + guidance graph per latent pixel of a batch frame
 SECONDS_PER_LATENT_PX_STEP = 40e-6  # measured 31-34 us on one CPU thread (guided, pixel space)
 MEMORY_FRACTION = 0.7  # of the available RAM a run may plan to use
@@ -121,11 +122,14 @@ def attention_bytes(spec: ModelSpec, latent_px: int) -> int:
     return 2 * 4 * heads * tokens * tokens
 
 
-def peak_bytes(spec: ModelSpec, padded_px: int, latent_w: int, latent_h: int, window: int, tile: int | None) -> int:
-    """Peak RSS of a run holding `window` frames, sampling tiles of tile x tile latent pixels (None: whole)."""
+def peak_bytes(spec: ModelSpec, padded_px: int, latent_w: int, latent_h: int, window: int, tile: int | None,
+               batch: int | None = None) -> int:
+    """Peak RSS of a run holding `window` frames and denoising `batch` (default: window) of them at once in tiles of
+    tile x tile latent pixels (None: whole frames)."""
     area = latent_w * latent_h if tile is None else min(tile, latent_w) * min(tile, latent_h)
-    per_frame = FRAME_BYTES_PER_PX * padded_px + SAMPLER_BYTES_PER_LATENT_PX * area + attention_bytes(spec, area)
-    return int(BASE_BYTES + window * per_frame)
+    sampler = SAMPLER_BYTES_PER_LATENT_PX * area + attention_bytes(spec, area)
+    batch = window if batch is None else min(batch, window)
+    return int(BASE_BYTES + window * FRAME_BYTES_PER_PX * padded_px + batch * sampler)
 
 
 def sampling_seconds(latent_px: int, frames: int, steps: int, tile: int | None) -> float:
@@ -134,32 +138,40 @@ def sampling_seconds(latent_px: int, frames: int, steps: int, tile: int | None) 
 
 
 def choose(spec: ModelSpec, padded_px: int, latent_w: int, latent_h: int, frames: int, budget: int,
-           window: int | None, tile: int | None) -> tuple[int, int | None]:
+           window: int | None, tile: int | None, batch: int | None = None) -> tuple[int, int | None]:
     """Defaults for what the user left open: whole frames if they fit, else the largest tile that does; then the
     longest window (up to all frames) that fits. Returns (window, tile); the caller checks the result fits."""
+    def peak(w, t):
+        return peak_bytes(spec, padded_px, latent_w, latent_h, w, t, batch)
+
     if tile is None:
         tiles = [None] + [t for t in TILE_CHOICES if t < max(latent_w, latent_h)]
         w_min = window or min(2, frames)
-        tile = next((t for t in tiles if peak_bytes(spec, padded_px, latent_w, latent_h, w_min, t) <= budget), tiles[-1])
+        tile = next((t for t in tiles if peak(w_min, t) <= budget), tiles[-1])
     if window is None:
-        one = peak_bytes(spec, padded_px, latent_w, latent_h, 1, tile) - BASE_BYTES
-        window = int(max(2, min(frames, (budget - BASE_BYTES) // max(one, 1))))
+        lo, hi = min(2, frames), max(frames, 1)  # the longest window that fits: peak grows with the window
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if peak(mid, tile) <= budget else (lo, mid - 1)
+        window = lo
     return min(window, max(frames, 1)), tile
 
 
 def estimate(spec: ModelSpec, task: str, mode: str, width: int, height: int, frames: int, steps: int, available: int,
-             window: int | None = None, tile: int | None = None) -> Estimate:
+             window: int | None = None, tile: int | None = None, max_batch: int | None = None, guided: bool = True) -> Estimate:
     """Sizes and costs of one job (pure arithmetic; nothing is checked here)."""
     ow, oh = output_size(task, mode, width, height)
     pw, ph = padded_size(task, mode, width, height, spec.multiple)
     lw, lh = pw // spec.factor, ph // spec.factor
     budget = int(available * MEMORY_FRACTION)
-    window, tile = choose(spec, pw * ph, lw, lh, frames, budget, window, tile)
+    # frames denoised at once: a guided wavefront tick holds at most `steps`; unguided sampling runs all at once
+    batch = min(steps if guided else frames, max_batch or frames)
+    window, tile = choose(spec, pw * ph, lw, lh, frames, budget, window, tile, batch)
     if tile is not None and tile >= max(lw, lh):
         tile = None  # a tile as large as the frame is no tile
     return Estimate(frames=frames, input_width=width, input_height=height, output_width=ow, output_height=oh,
                     padded_width=pw, padded_height=ph, latent_width=lw, latent_height=lh, window=window, tile=tile,
-                    peak_bytes=peak_bytes(spec, pw * ph, lw, lh, window, tile), available_bytes=available,
+                    peak_bytes=peak_bytes(spec, pw * ph, lw, lh, window, tile, batch), available_bytes=available,
                     seconds=sampling_seconds(lw * lh, frames, steps, tile))
 
 
@@ -234,7 +246,8 @@ def preflight(cfg, available: int | None = None) -> Estimate:
         raise PreflightError(f"--tile {cfg.tile} must be a multiple of {step} latent pixels for model {cfg.model_name!r} "
                              f"(its UNet downsamples by {step}); e.g. --tile {max(step, cfg.tile // step * step)}")
     avail = available_memory() if available is None else available
-    est = estimate(spec, cfg.task, cfg.mode, info.width, info.height, frames, cfg.steps, avail, cfg.window, cfg.tile)
+    est = estimate(spec, cfg.task, cfg.mode, info.width, info.height, frames, cfg.steps, avail, cfg.window, cfg.tile,
+                   cfg.max_batch, cfg.guidance_strength > 0)
     check(est, cfg.max_output_pixels, cfg.task, cfg.mode)
     return est
 
