@@ -361,8 +361,9 @@ def _audio_packets(src, out, kind, duration_s, start_s: float = 0.0):
 
 
 def _time_base(rate: Fraction, times) -> Fraction:
-    """1/rate when every timestamp sits on the rate's grid (constant rate), else a millisecond-fine clock (VFR)."""
-    if times is None or all(abs(t * rate - round(t * rate)) < 1e-3 for t in times):
+    """1/rate when every timestamp sits on the rate's grid (constant rate; within 2% of a frame, so a container's
+    millisecond rounding, e.g. Matroska's, is not mistaken for VFR), else a 1/90000 s clock (variable rate)."""
+    if times is None or all(abs(t * rate - round(t * rate)) < 0.02 for t in times):
         return 1 / rate
     return Fraction(1, 90000)
 
