@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from flows.config import METHODS, PROJECT_ROOT
+from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, METHODS, PROJECT_ROOT
 
 
 def _env_defaults() -> None:
@@ -35,12 +35,17 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-root", default=None)
     p.add_argument("--executor", default="ray", help="ray | inline")
     p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--window", type=int, default=None, help="frames per temporal window (default: from the memory estimate)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile edge in latent pixels (default: from the memory estimate)")
+    p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
+                   help=f"largest output frame in pixels (default {DEFAULT_MAX_OUTPUT_PIXELS} = 3840x2160)")
 
 
 def _restore_params(args) -> dict:
     params = dict(task=args.task, method=args.method, mode=args.mode, mask=args.mask, frames=args.frames, steps=args.steps,
                   guidance=args.guidance, guidance_space=args.guidance_space, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
-                  executor=args.executor, max_batch=args.max_batch)
+                  executor=args.executor, max_batch=args.max_batch, window=args.window, tile=args.tile,
+                  max_output_pixels=args.max_output_pixels)
     if args.work_root:
         params["work_root"] = args.work_root
     return params

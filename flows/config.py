@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 METHODS = ("warped-diffusion", "gp", "fixed", "resample", "nearest", "bilinear", "integral")
 TASKS = ("sr8", "inpaint")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MAX_OUTPUT_PIXELS = 3840 * 2160  # 4K UHD per frame: larger targets are refused unless asked for
 DEFAULT_WORK_ROOT = os.environ.get("RESTORE_VIDEO_WORK_ROOT", str(PROJECT_ROOT / "work"))
 
 
@@ -46,6 +47,12 @@ class RestoreConfig(BaseModel):
     work_root: str = Field(DEFAULT_WORK_ROOT, description="artifact cache root URL")
     executor: Literal["ray", "inline"] = "ray"
     max_batch: int | None = Field(None, ge=1, description="largest wavefront batch (memory bound); None = all active frames")
+    window: int | None = Field(None, ge=2, description="frames sampled per temporal window; None = chosen by preflight "
+                               "from the memory estimate (all frames when they fit)")
+    tile: int | None = Field(None, ge=4, description="latent tile edge in latent pixels (8 frame pixels each for the "
+                             "embedded models); None = chosen by preflight (whole frames when they fit)")
+    max_output_pixels: int = Field(DEFAULT_MAX_OUTPUT_PIXELS, ge=1, description="largest output frame (width x height) "
+                                   "preflight accepts; raise it to restore larger targets on purpose")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
 
     @field_validator("method")

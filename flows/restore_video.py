@@ -9,6 +9,7 @@ only what is missing; metrics.json says which stages were reused (`cached`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 
@@ -16,7 +17,8 @@ import fsspec
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
-from flows.config import RestoreConfig, flatten, sample_clip_path
+from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, RestoreConfig, flatten, sample_clip_path
+from flows.preflight import preflight
 from storage.video import VideoError
 from tasks import decode as decode_stage
 from tasks import encode as encode_stage
@@ -27,7 +29,7 @@ from tasks import outputs
 from tasks import prepare as prepare_stage
 from tasks import sample as sample_stage
 from tasks._stage import StageRecord, store_for
-from tasks.models import model_info, resolve_guidance_space
+from tasks.models import model_info, pad_multiple, resolve_guidance_space
 
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
 
@@ -119,6 +121,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     logger = _logger()
     opts = cfg.storage_options
     t_total = time.perf_counter()
+    plan = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
+    print(plan.summary(), file=sys.stderr, flush=True)
+    logger.info(plan.summary())
     check_output_writable(cfg.out, opts)
     store = store_for(cfg.work_root, opts)
     records: dict[str, StageRecord] = {}
@@ -127,8 +132,10 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     k_extract = extract_stage.extract_key(cfg.input, cfg.frame_range, opts)
     records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k_extract, cfg.input, cfg.frame_range)
     mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
-    k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident)
-    records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask)
+    multiple = pad_multiple(cfg.model_name)  # frame sizes the model takes
+    k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident, multiple)
+    records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask,
+                                               multiple)
     # 3. flow
     k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend)
     records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
@@ -148,6 +155,11 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
                                        space)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
                    steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space)
+    # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
+    if plan.window < plan.frames:
+        request["window"] = plan.window
+    if plan.tile is not None:
+        request["tile"] = plan.tile
     if store.exists("sample", k_sample):
         records["sample"] = StageRecord("sample", k_sample, True)
     else:
@@ -159,8 +171,8 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
 
     # 8. metrics and outputs
     t_out = time.perf_counter()
-    restored = store.open("decode", k_dec).load()
-    prepared = store.open("prepare", k_prep).load()
+    restored = store.open("decode", k_dec)  # lazy: metrics and the writers read chunks of frames
+    prepared = store.open("prepare", k_prep)
     extracted = store.open("extract_frames", k_extract)
     k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
     computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, restored, prepared, k_flow, k_sample)
@@ -173,6 +185,7 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         "guidance_space": space if cfg.guidance_strength > 0 else "none",
         "frames": int(restored.sizes["frame"]),
         "fps": fps,
+        "preflight": plan.to_dict(),
         **computed["summary"],
         "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
         "cached": {name: r.cached for name, r in records.items()},
@@ -188,8 +201,10 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     ) as run:
         report["mlflow_run_id"] = run.info.run_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
-        audio = cfg.input if extracted.attrs.get("info_has_audio") and cfg.frame_range[0] == 0 else None
-        urls = outputs.write_outputs(cfg.out, restored["frames"].values, prepared, fps, audio, computed["per_frame"], opts)
+        times, start_s = outputs.source_times(cfg.input, cfg.frame_range[0], int(restored.sizes["frame"]), fps, opts)
+        audio = cfg.input if extracted.attrs.get("info_has_audio") else None
+        urls = outputs.write_outputs(cfg.out, restored["frames"], prepared, fps, audio, computed["per_frame"], opts,
+                                     times=times, audio_start=start_s)
         report["timings_s"]["outputs"] = round(time.perf_counter() - t_out, 3)
         report["timings_s"]["total"] = round(time.perf_counter() - t_total, 3)
         report["outputs"] = urls
@@ -214,7 +229,7 @@ def _logger():
 def restore_video(
     input: str | None = None,
     task: str = "sr8",
-    mode: str = "benchmark",
+    mode: str = "restore",
     method: str = "warped-diffusion",
     mask: str | None = None,
     steps: int = 50,
@@ -228,11 +243,15 @@ def restore_video(
     work_root: str | None = None,
     executor: str = "ray",
     max_batch: int | None = None,
+    window: int | None = None,
+    tile: int | None = None,
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
 ) -> dict:
-    """Restore one video (default: the embedded sample clip, 8x super-resolution benchmark)."""
+    """Restore one video: the input is the degraded clip (mode 'restore'; 'benchmark' degrades a ground truth
+    first). Default input: the embedded sample clip."""
     params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
                   guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
-                  executor=executor, max_batch=max_batch)
+                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels)
     if work_root:
         params["work_root"] = work_root
     return restore(RestoreConfig(**params))

@@ -136,6 +136,16 @@ def probe_video(url: str, storage_options: dict | None = None) -> VideoInfo:
         return _info(url, c)
 
 
+def frame_times(url: str, storage_options: dict | None = None) -> np.ndarray:
+    """Presentation times in seconds (container clock) of every frame of the first video stream, in display order,
+    read from the packets without decoding -> (F,) float64. Variable-frame-rate clips keep their own spacing."""
+    with _open_input(url, storage_options) as f, _open_container(url, f) as c:
+        v = c.streams.video[0]
+        pts = [p.pts for p in c.demux(v) if p.size and p.pts is not None]
+        tb = v.time_base
+    return np.sort(np.asarray(pts, dtype=np.float64)) * float(tb)  # (F,)
+
+
 def _decode(url: str, container) -> Iterator[av.VideoFrame]:
     """Decode the first video stream, turning FFmpeg errors into 'truncated/corrupt'."""
     try:
@@ -304,21 +314,33 @@ def _audio_source(audio_from, storage_options):
     return f, c, c.streams.audio[0]
 
 
-def _audio_packets(src, out, kind, duration_s):
-    """Remux (or re-encode) audio up to duration_s; returns a time-sorted list of (t, packet)."""
+def _audio_packets(src, out, kind, duration_s, start_s: float = 0.0):
+    """Remux (or re-encode) the audio of [start_s, start_s + duration_s) of the source, shifted to start at 0;
+    returns a time-sorted list of (t, packet) on the output clock. A cut lands on a packet boundary (AAC: 1024
+    samples, ~21 ms at 48 kHz), well within one video frame. start_s 0 keeps the encoder's priming packets."""
     _, ic, ia = src
     allowed = _REMUX_AUDIO[kind]
+    lower = start_s - 1e-6 if start_s > 0 else -float("inf")
+    end = start_s + duration_s
     if allowed is None or ia.codec_context.name in allowed:
         oa = out.add_stream_from_template(ia)
+        if start_s > 0:
+            seek_to = int(max(start_s - 1.0, 0) / ia.time_base)
+            ic.seek(seek_to, stream=ia, backward=True, any_frame=False)
+        shift = int(round(start_s / ia.time_base)) if start_s > 0 else 0
         pkts = []
         for p in ic.demux(ia):
             if p.dts is None or p.pts is None:
                 continue
             t = float(p.pts * p.time_base)
-            if t >= duration_s:
+            if t >= end:
                 break
+            if t < lower:
+                continue
+            p.pts -= shift
+            p.dts -= shift
             p.stream = oa
-            pkts.append((t, p))
+            pkts.append((t - max(start_s, 0.0), p))
         return pkts
     target = _REENCODE_AUDIO.get(kind, "aac")
     oa = out.add_stream(target, rate=48000 if target == "libopus" else ia.codec_context.sample_rate)
@@ -326,36 +348,56 @@ def _audio_packets(src, out, kind, duration_s):
     pkts = []
     resampler = av.AudioResampler(format=oa.codec_context.format.name, layout=oa.layout, rate=oa.rate)
     for fr in ic.decode(ia):
-        if fr.time is not None and fr.time >= duration_s:
+        if fr.time is not None and fr.time >= end:
             break
+        if fr.time is not None and fr.time < lower:
+            continue
+        if start_s > 0 and fr.pts is not None:
+            fr.pts -= int(round(start_s / fr.time_base))
         for rf in resampler.resample(fr):
             pkts += [(float(p.pts * p.time_base), p) for p in oa.encode(rf)]
     pkts += [(float(p.pts * p.time_base), p) for p in oa.encode(None)]
     return pkts
 
 
-def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options):
+def _time_base(rate: Fraction, times) -> Fraction:
+    """1/rate when every timestamp sits on the rate's grid (constant rate; within 2% of a frame, so a container's
+    millisecond rounding, e.g. Matroska's, is not mistaken for VFR), else a 1/90000 s clock (variable rate)."""
+    if times is None or all(abs(t * rate - round(t * rate)) < 0.02 for t in times):
+        return 1 / rate
+    return Fraction(1, 90000)
+
+
+def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options,
+                  times=None, audio_start=0.0):
     """Encode into a local file path (not atomic by itself)."""
     kind = _container_kind(path)
     first, it = _frames_iter(frames)
     h, w = first.shape[:2]
     opts = {"movflags": "+faststart"} if kind in ("mp4", "mov") else {}
     src = _audio_source(audio_from, storage_options) if audio_from else None
+    tb = _time_base(rate, times)
     try:
         with av.open(path, mode="w", options=opts) as out:
             vs, pad_h, pad_w = _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options)
-            dur = (n_frames / rate) if n_frames else float("inf")
-            audio = _audio_packets(src, out, kind, float(dur)) if src else []
+            vs.time_base = tb
+            vs.codec_context.time_base = tb
+            if times is not None and n_frames and len(times) > 1:  # last frame shown for the mean interval
+                dur = times[n_frames - 1] + (times[n_frames - 1] - times[0]) / (n_frames - 1)
+            else:
+                dur = (n_frames / rate) if n_frames else float("inf")
+            audio = _audio_packets(src, out, kind, float(dur), float(audio_start)) if src else []
             ai = 0
             for i, x in enumerate(it):
-                t = float(i / rate)
+                t = float(times[i]) if times is not None else float(i / rate)
                 while ai < len(audio) and audio[ai][0] <= t:  # interleave by time
                     out.mux(audio[ai][1])
                     ai += 1
                 if pad_h or pad_w:
                     x = np.pad(x, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
                 vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(x), format="rgb24")
-                vf.pts = i
+                vf.pts = int(round(t / tb))
+                vf.time_base = tb
                 out.mux(vs.encode(vf))
             out.mux(vs.encode(None))
             for _, p in audio[ai:]:
@@ -376,6 +418,9 @@ def write_video(
     crf: int = 18,
     storage_options: dict | None = None,
     options: dict | None = None,
+    times=None,
+    audio_start: float = 0.0,
+    n_frames: int | None = None,
 ) -> str:
     """Encode uint8 RGB frames (F, H, W, 3) (or an iterable of (H, W, 3)) atomically; returns the URL.
 
@@ -384,9 +429,18 @@ def write_video(
     audio_from: a media URL whose first audio stream is copied (re-encoded if the container
     cannot hold it), trimmed to the video's duration.
     options: extra encoder options (e.g. {"g": 8} for a keyframe every 8 frames).
+    times: per-frame presentation times in seconds, first frame at 0 (variable frame rate kept); None: i / fps.
+    audio_start: where in audio_from the video begins (seconds, its own clock): a frame range keeps its audio.
+    n_frames: the frame count when `frames` is an iterator (so the audio is trimmed to the video).
+    Frames may be a generator: they are encoded as they come (only one frame is held).
     """
     rate = _as_rate(fps)
-    n_frames = len(frames) if hasattr(frames, "__len__") else None
+    if n_frames is None:
+        n_frames = len(frames) if hasattr(frames, "__len__") else (len(times) if times is not None else None)
+    if times is not None:
+        times = [float(t) for t in times]
+        if any(b <= a for a, b in zip(times, times[1:])):
+            raise VideoError("write_video: times must increase strictly (one presentation time per frame, in seconds).")
     fs, dest = fsspec.core.url_to_fs(path_or_url, **(storage_options or {}))
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     base, ext = os.path.splitext(os.path.basename(dest))
@@ -399,7 +453,8 @@ def write_video(
         d = tempfile.gettempdir()
     tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}{ext}")
     try:
-        _encode_local(tmp, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options)
+        _encode_local(tmp, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options, times,
+                      audio_start)
         if local:
             os.replace(tmp, dest)
         else:

@@ -60,3 +60,21 @@ def resolve_guidance_space(space: str, info: dict) -> str:
     if space == "auto":
         return "pixel" if info.get("linear_decoder") and info.get("task") == "sr8" else "latent"
     return space
+
+
+def pad_multiple(name: str) -> int:
+    """Frame sizes the model accepts are multiples of this: latent factor x the denoiser UNet's total downsampling
+    (2 ** (down blocks - 1); the last down block keeps its size). Read from card.json (our models) or the
+    diffusers configs (unet/, vae/) without loading weights."""
+    path = resolve(name)
+    card_path = path / CARD
+    if card_path.exists():
+        card = json.loads(card_path.read_text())
+        factor = int(card["autoencoder"].get("factor", 8))
+        den = card.get("denoiser")
+        blocks = len(den["unet"]["block_out_channels"]) if den else 1
+        return factor * 2 ** (blocks - 1)
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    vae_blocks = vae.get("encoder_block_out_channels", vae.get("block_out_channels"))
+    return 2 ** (len(vae_blocks) - 1) * 2 ** (len(unet["down_block_types"]) - 1)

@@ -1,5 +1,6 @@
 """Stage prepare (the DESIGN's `degrade`): build the model's conditioning frames, masks and, in benchmark mode,
-the ground truth. Frame sizes are padded (reflect) to multiples of the latent factor and cropped back at decode.
+the ground truth. Frame sizes are padded (reflect, bottom/right) to the model's own multiple (latent factor x the
+denoiser's downsampling, `tasks.models.pad_multiple`) and cropped back at decode.
 
 sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
@@ -8,6 +9,8 @@ inpaint, benchmark: input = ground truth           -> masks generated from the s
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -18,11 +21,27 @@ from ops import degrade
 from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
-FACTOR = 8
+SR_SCALE = 8  # the sr8 task: 8x super-resolution (a property of the task, not of a model)
+FACTOR = SR_SCALE  # the name tasks.decode imports
 
 
-def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None) -> str:
-    return stage_key("prepare", {"task": task_name, "mode": mode, "seed": seed, "mask": mask_ident}, {"extract_frames": extract})
+def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None, multiple: int) -> str:
+    return stage_key("prepare", {"task": task_name, "mode": mode, "seed": seed, "mask": mask_ident, "multiple": multiple},
+                     {"extract_frames": extract})
+
+
+def input_multiple(task_name: str, mode: str, multiple: int) -> int:
+    """The input frames are reflect-padded to this so the model's frames are multiples of its `multiple`: sr8 restore
+    pads the low-res input (the smallest m with SR_SCALE * m a multiple), sr8 benchmark pads the truth so it also
+    divides by SR_SCALE, inpainting pads to `multiple`."""
+    if task_name == "sr8":
+        return multiple // math.gcd(multiple, SR_SCALE) if mode == "restore" else math.lcm(multiple, SR_SCALE)
+    return multiple
+
+
+def output_scale(task_name: str, mode: str) -> int:
+    """Output frame size / input frame size: SR_SCALE for sr8 restore, else 1."""
+    return SR_SCALE if (task_name, mode) == ("sr8", "restore") else 1
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -60,41 +79,83 @@ def load_mask(url: str, frames: int, height: int, width: int, storage_options=No
     return masks > 127
 
 
-def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_url, storage_options) -> xr.Dataset:
-    frames = extracted["frames"].values  # (F, H, W, 3) uint8
-    f, h, w, _ = frames.shape
-    data, attrs = {}, {"task": task_name, "mode": mode}
+DIMS = {"truth": ("frame", "y", "x", "rgb"), "cond": ("frame", "y", "x", "rgb"), "mask": ("frame", "y", "x")}
+
+
+def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int, mask: np.ndarray | None = None) -> dict:
+    """One chunk of frames (n, H, W, 3) uint8 -> its conditioning arrays {name: (n, ...)}: cond, input, truth
+    (benchmark), mask (inpaint; `mask` (n or 1, H', W') on the padded grid, 1 = hole)."""
+    data = {}
     if task_name == "sr8":
         if mode == "benchmark":
-            truth, (ph, pw) = pad_to_multiple(frames, FACTOR)
-            low = degrade.downsample(_to_float(truth), FACTOR)  # (F, 3, H/8, W/8)
-            data["truth"] = (("frame", "y", "x", "rgb"), truth)
-            attrs.update(height=h, width=w)
+            truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
+            low = degrade.downsample(_to_float(truth), SR_SCALE)  # (n, 3, H/8, W/8)
+            data["truth"] = truth
         else:
-            low = _to_float(frames)
-            attrs.update(height=h * FACTOR, width=w * FACTOR)
-        cond = degrade.upsample(low, FACTOR)  # (F, 3, H, W)
-        data["input"] = (("frame", "ly", "lx", "rgb"), _to_uint8(low))
-        data["cond"] = (("frame", "y", "x", "rgb"), _to_uint8(cond))
+            low = _to_float(pad_to_multiple(frames, input_multiple(task_name, mode, multiple))[0])  # (n, 3, h', w')
+        data["input"] = _to_uint8(low)
+        data["cond"] = _to_uint8(degrade.upsample(low, SR_SCALE))  # (n, H, W, 3)
     else:
-        padded, (ph, pw) = pad_to_multiple(frames, FACTOR)
+        padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
+        holes = torch.from_numpy(np.broadcast_to(mask, (len(frames), *mask.shape[1:])).astype(np.float32))[:, None]  # (n, 1, H, W)
         if mode == "benchmark":
-            gen = torch.Generator().manual_seed(seed)
-            mask = degrade.random_masks(gen, 1, padded.shape[1], padded.shape[2]).expand(f, -1, -1, -1)  # (F, 1, H, W)
-            data["truth"] = (("frame", "y", "x", "rgb"), padded)
+            data["truth"] = padded
+        data["cond"] = _to_uint8(degrade.apply_mask(_to_float(padded), holes))
+        data["input"] = data["cond"]
+        data["mask"] = holes[:, 0].numpy().astype(np.uint8)
+    return data
+
+
+def _frames_per_chunk(array) -> int:
+    """Frames per stored chunk of `array` (zarr encoding or dask chunks); 1 when unknown."""
+    chunks = getattr(array, "encoding", {}).get("chunks") or getattr(array, "chunks", None)
+    if chunks and isinstance(chunks[0], tuple):
+        return int(chunks[0][0])
+    return int(chunks[0]) if chunks else 1
+
+
+def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_url, storage_options, multiple: int) -> xr.Dataset:
+    """`multiple`: frame sizes the model takes (tasks.models.pad_multiple); frames are reflect-padded to it.
+
+    Streamed: the result is lazy (dask), one chunk of the extracted frames per task, so writing it to zarr reads,
+    prepares and stores chunk by chunk and the video is never held whole (nor at float32 8x)."""
+    import dask
+    import dask.array as da
+
+    source = extracted["frames"]  # (F, H, W, 3) uint8, lazily indexed
+    f, h, w, _ = source.shape
+    step = _frames_per_chunk(source)
+    scale = output_scale(task_name, mode)
+    attrs = {"task": task_name, "mode": mode, "height": h * scale, "width": w * scale}
+    holes = None
+    if task_name != "sr8":
+        m = input_multiple(task_name, mode, multiple)
+        ph, pw = -(-h // m) * m, -(-w // m) * m
+        if mode == "benchmark":  # one mask for every frame, from the seed
+            holes = degrade.random_masks(torch.Generator().manual_seed(seed), 1, ph, pw)[:, 0].numpy()  # (1, H, W), 1 = hole
         else:
             holes = load_mask(mask_url, f, h, w, storage_options)
-            holes = np.pad(holes, ((0, 0), (0, padded.shape[1] - h), (0, padded.shape[2] - w)), mode="edge")
-            mask = torch.from_numpy(holes)[:, None].float()
-        masked = degrade.apply_mask(_to_float(padded), mask)
-        data["cond"] = (("frame", "y", "x", "rgb"), _to_uint8(masked))
-        data["input"] = data["cond"]
-        data["mask"] = (("frame", "y", "x"), mask[:, 0].numpy().astype(np.uint8))
-        attrs.update(height=h, width=w)
+            holes = np.pad(holes, ((0, 0), (0, ph - h), (0, pw - w)), mode="edge")  # (F, H, W)
+
+    def chunk(start: int, stop: int) -> dict:
+        mask = None if holes is None else (holes if len(holes) == 1 else holes[start:stop])
+        return prepare_frames(np.asarray(source[start:stop]), task_name, mode, multiple, mask)
+
+    first = chunk(0, min(step, f))  # shapes and dtypes (and the first chunk itself)
+    parts = {name: [da.from_array(a, chunks=a.shape)] for name, a in first.items()}
+    for start in range(step, f, step):
+        stop = min(start + step, f)
+        lazy = dask.delayed(chunk, pure=True)(start, stop)
+        for name, a in first.items():
+            parts[name].append(da.from_delayed(lazy[name], shape=(stop - start, *a.shape[1:]), dtype=a.dtype))
+    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name == "sr8" else DIMS["cond"]}
+    data = {name: (dims[name], da.concatenate(p)) for name, p in parts.items()}
     return xr.Dataset(data, attrs=attrs)
 
 
 @task(name="prepare", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def prepare(work_root: str, storage_options: dict, key: str, extract: str, task_name: str, mode: str, seed: int, mask_url) -> StageRecord:
+def prepare(work_root: str, storage_options: dict, key: str, extract: str, task_name: str, mode: str, seed: int, mask_url,
+            multiple: int) -> StageRecord:
     store = store_for(work_root, storage_options)
-    return run_stage(store, "prepare", key, lambda: compute(store.open("extract_frames", extract).load(), task_name, mode, seed, mask_url, storage_options))
+    return run_stage(store, "prepare", key, lambda: compute(store.open("extract_frames", extract, chunks=False), task_name, mode,
+                                                            seed, mask_url, storage_options, multiple))

@@ -45,7 +45,7 @@ def test_deploy_all_and_run_default_deployment(tmp_path, sample_clip):
         assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
         assert nightly["work_pool"] == "restore-video-pool" and nightly["parameters"]["concurrency"] == 1
         with ProcessWorker("restore-video-pool", env, cwd=str(ROOT)):
-            params = {"input": sample_clip, "frames": "0:4", "steps": 2, "out": str(tmp_path / "out"),
+            params = {"input": sample_clip, "mode": "benchmark", "frames": "0:4", "steps": 2, "out": str(tmp_path / "out"),
                       "work_root": str(work), "executor": "inline"}
             state, flow_run_id = run_deployment("restore-video/default", params, env, timeout=300)
     assert state == "COMPLETED"
