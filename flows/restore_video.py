@@ -152,7 +152,7 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     # 6. sampling (the expensive stage)
     space = resolve_guidance_space(cfg.guidance_space, model)
     k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
-                                       space)
+                                       space, tile=plan.tile)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
                    steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space)
     # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
