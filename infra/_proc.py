@@ -159,3 +159,49 @@ def exit_on_signals(signals=(signal.SIGTERM, signal.SIGHUP)) -> None:
                 signal.signal(sig, _raise_system_exit)
         except (ValueError, OSError):  # not the main interpreter / unsupported signal
             pass
+
+
+# Prefect's temporary server (started in-process when no PREFECT_API_URL is set) is tracked by Prefect one per port
+# and stopped in an atexit handler; started concurrently from several threads (restore-archive's workers), one
+# uvicorn process can lose its handle and outlive the command. These children are reaped at exit.
+SERVER_CHILD_PATTERNS = ("prefect.server.api.server:create_app", "prefect server start", "mlflow server", "uvicorn")
+_CLEANUP_INSTALLED = False
+
+
+def reap_children(patterns: tuple[str, ...] = SERVER_CHILD_PATTERNS, grace: float = 5.0) -> list[str]:
+    """SIGTERM (then SIGKILL after `grace` s) this process's direct children whose command line contains one of
+    `patterns`; returns their command lines. Needs psutil (a no-op without it)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    found = []
+    for child in psutil.Process().children(recursive=False):
+        try:
+            cmd = " ".join(child.cmdline())
+            if child.status() != psutil.STATUS_ZOMBIE and any(p in cmd for p in patterns):
+                found.append((child, cmd))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    for child, _ in found:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs([c for c, _ in found], timeout=grace)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [cmd for _, cmd in found]
+
+
+def install_cleanup() -> None:
+    """For a command's entry point: SIGTERM/SIGHUP end it through `finally`/atexit (`exit_on_signals`), and at exit
+    every server child still running (Prefect's temporary server included) is stopped (`reap_children`)."""
+    global _CLEANUP_INSTALLED
+    exit_on_signals()
+    if not _CLEANUP_INSTALLED:
+        atexit.register(reap_children)
+        _CLEANUP_INSTALLED = True

@@ -56,8 +56,9 @@ def wait_gone(procs: list, timeout: float) -> list:
 
 def stop_in_process_services() -> list[str]:
     """Stop what this (pytest) process itself started and would otherwise stop only in atexit handlers: Ray's
-    local cluster, Prefect's temporary servers, processes from infra._proc.spawn. Returns what spawn() still
-    held (a test that did not stop its server)."""
+    local cluster, Prefect's temporary servers (also those Prefect lost track of: `infra._proc.reap_children`, as a
+    command's `install_cleanup` does), processes from infra._proc.spawn. Returns what spawn() still held (a test
+    that did not stop its server)."""
     import sys
 
     from infra import _proc
@@ -74,4 +75,5 @@ def stop_in_process_services() -> list[str]:
             server.stop()
     held = [" ".join(map(str, p.args)) if isinstance(p.args, (list, tuple)) else str(p.args) for p in _proc.live()]
     _proc.stop_all()
+    _proc.reap_children()  # what a command's install_cleanup() does at exit (Prefect's temporary servers)
     return held

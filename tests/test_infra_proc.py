@@ -113,3 +113,33 @@ def test_marked_processes_finds_what_the_suite_started():
         for q in (p, other):
             q.kill()
             q.wait()
+
+
+CLEANUP = r"""
+import subprocess, sys, time
+sys.path.insert(0, {root!r})
+from infra._proc import install_cleanup
+install_cleanup()
+# a server child this process lost track of (like a Prefect temporary server started twice from two threads)
+lost = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "uvicorn", "--factory",
+                         "prefect.server.api.server:create_app"])
+other = subprocess.Popen(["sleep", "302"])  # not a server: left alone
+print(lost.pid, other.pid, flush=True)
+{end}
+"""
+
+
+@pytest.mark.parametrize("end", ["time.sleep(0.3)", "time.sleep(300)"], ids=["normal-exit", "sigterm"])
+def test_install_cleanup_reaps_lost_server_children(end):
+    proc = subprocess.Popen([sys.executable, "-c", CLEANUP.format(root=str(ROOT), end=end)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    lost, other = map(int, proc.stdout.readline().split())
+    try:
+        if "300" in end:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, 128 + signal.SIGTERM)
+        assert _wait(lambda: not _pid_alive(lost)), "the lost server child outlived the command"
+        assert _pid_alive(other)
+    finally:
+        _cleanup(proc.pid)
