@@ -11,14 +11,20 @@ from infra.tracking import (MlflowUI, check_no_secrets, flatten, git_commit, is_
                             log_output_files, log_series, redact, restoration_run, scrub, start_run, tracking_uri)
 
 
+@pytest.fixture(scope="module")
+def mlflow_root(tmp_path_factory):
+    """One sqlite store for the module (creating MLflow's tables takes a second or two)."""
+    return tmp_path_factory.mktemp("mlflow") / "work"
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch):
+def mlflow_uri(mlflow_root, tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # anything written to ./mlruns would show up here
     prev = mlflow.get_tracking_uri()
-    uri = tracking_uri(tmp_path / "work")
+    uri = tracking_uri(mlflow_root)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
@@ -38,7 +44,7 @@ def test_flatten():
         "a.b.c": 1, "a.d": [1, 2], "e": "{}", "f": None}
 
 
-def test_params_series_nested_and_artifacts(mlflow_uri, tmp_path):
+def test_params_series_nested_and_artifacts(mlflow_uri, mlflow_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
     config = {"sampler": {"steps": 50, "guidance": {"lambda": 1.0}}, "model": "tiny",
@@ -74,7 +80,7 @@ def test_params_series_nested_and_artifacts(mlflow_uri, tmp_path):
 
     # artifacts live next to the DB, not in ./mlruns of the current directory
     uri = client.get_run(parent.info.run_id).info.artifact_uri
-    assert uri.startswith((tmp_path / "work" / "mlartifacts").as_uri()), uri
+    assert uri.startswith((mlflow_root / "mlartifacts").as_uri()), uri
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -134,7 +140,7 @@ def _store_text(root) -> str:
     return "".join(p.read_bytes().decode("latin-1") for p in sorted(root.rglob("*")) if p.is_file())
 
 
-def test_restoration_run_finished_with_tags_params_input_and_no_secret(mlflow_uri, tmp_path):
+def test_restoration_run_finished_with_tags_params_input_and_no_secret(mlflow_uri, mlflow_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
     (tmp_path / "out").mkdir()
@@ -158,12 +164,12 @@ def test_restoration_run_finished_with_tags_params_input_and_no_secret(mlflow_ur
     assert config == {"input": params["input"], "steps": 4}
     [inp] = got.inputs.dataset_inputs
     assert inp.dataset.name == "clip.mp4" and params["input"] in inp.dataset.source
-    text = _store_text(tmp_path / "work")
+    text = _store_text(mlflow_root)
     assert "restore-test" in text and "weights_sha256" in text  # the scan reads the store
     assert SECRET not in text and KEY_ID not in text
 
 
-def test_restoration_run_failed_with_the_error_and_no_secret(mlflow_uri, tmp_path):
+def test_restoration_run_failed_with_the_error_and_no_secret(mlflow_uri, mlflow_root):
     from mlflow.tracking import MlflowClient
 
     params = {"steps": 4, "storage_options": {"secret": SECRET}}
@@ -173,7 +179,7 @@ def test_restoration_run_failed_with_the_error_and_no_secret(mlflow_uri, tmp_pat
     got = MlflowClient(tracking_uri=mlflow_uri).get_run(run.info.run_id)
     assert got.info.status == "FAILED"
     assert got.data.tags["error"] == "ZeroDivisionError: cannot divide, secret *** leaked into a message"
-    assert SECRET not in _store_text(tmp_path / "work")
+    assert SECRET not in _store_text(mlflow_root)
     import mlflow
 
     assert mlflow.active_run() is None
@@ -192,20 +198,26 @@ def test_restoration_run_nests_and_logs_system_metrics(mlflow_uri, monkeypatch):
 
     with restoration_run("restore-test", "archive", uri=mlflow_uri, system_metrics=False) as parent:
         pass
+    client = MlflowClient(tracking_uri=mlflow_uri)
     with restoration_run("restore-test", "video", uri=mlflow_uri, parent_run_id=parent.info.run_id) as child:
         import time
 
-        time.sleep(1.5)
-    got = MlflowClient(tracking_uri=mlflow_uri).get_run(child.info.run_id)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the monitor thread logs its first sample after ~0.2 s
+            if any(k.startswith("system/") for k in client.get_run(child.info.run_id).data.metrics):
+                break
+            time.sleep(0.1)
+    got = client.get_run(child.info.run_id)
     assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert any(k.startswith("system/") for k in got.data.metrics), got.data.metrics
+    assert any(k.startswith("system/cpu") for k in got.data.metrics), got.data.metrics
+    assert not any(k.startswith("system/") for k in client.get_run(parent.info.run_id).data.metrics)
 
 
 @pytest.mark.slow
-def test_mlflow_server_health_and_runs(mlflow_uri, tmp_path):
+def test_mlflow_server_health_and_runs(mlflow_uri, mlflow_root):
     with start_run("ui-test", "r1", uri=mlflow_uri) as run:
         log_config({"a": {"b": 1}})
-    with MlflowUI(tmp_path / "work") as ui:
+    with MlflowUI(mlflow_root) as ui:
         proc = ui.proc
         with urllib.request.urlopen(f"{ui.url}/health", timeout=5) as r:
             assert r.status == 200
