@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from infra._proc import free_port, release, spawn, stop_group, wait_http
 
-__all__ = ["tracking_uri", "start_run", "restoration_run", "log_config", "log_output_files", "redact", "scrub",
+__all__ = ["tracking_uri", "use_tracking_uri", "start_run", "restoration_run", "log_config", "log_output_files", "redact", "scrub",
            "is_secret_name", "check_no_secrets", "flatten", "log_series", "git_commit", "source_tags", "MlflowUI", "ensure_experiment"]
 
 MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: longer values are refused, so they are cut
@@ -86,8 +86,24 @@ def tracking_uri(work_root: str | os.PathLike, local_dir: str | os.PathLike | No
 def _artifact_root(uri: str) -> str | None:
     """`{dir of the sqlite DB}/mlartifacts` for a sqlite URI, else None (let the server decide)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+def use_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri(uri)` for this process without its side effect on the environment.
+
+    MLflow also writes the URI into os.environ["MLFLOW_TRACKING_URI"] (for subprocesses); `tracking_uri()` would
+    then return the first run's store for every later work root in the process (and every later test).
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
@@ -192,7 +208,7 @@ def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, A
     import mlflow
 
     if uri:
-        mlflow.set_tracking_uri(uri)
+        use_tracking_uri(uri)
     exp_id = ensure_experiment(experiment, mlflow.get_tracking_uri())
     tags = {k: str(v) for k, v in redact(tags or {}).items()}
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags,
@@ -244,7 +260,7 @@ def restoration_run(experiment: str, run_name: str | None = None, *, params: Map
     import mlflow
 
     if uri:
-        mlflow.set_tracking_uri(uri)
+        use_tracking_uri(uri)
     if system_metrics is None:
         try:
             import psutil  # noqa: F401

@@ -112,3 +112,16 @@ def _nothing_left_running():
         ([f"processes started by the suite still running after it (killed now): {described}"] if described else [])
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; a test that sets it back to MLflow's default
+    (`sqlite:///mlflow.db`) would send every later run of the session into ./mlflow.db of the checkout."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.request
 
@@ -37,6 +38,21 @@ def test_tracking_uri_default_and_env(tmp_path, monkeypatch):
     assert tracking_uri(root) == f"sqlite:///{root}/mlflow.db" and root.is_dir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert tracking_uri(root) == "http://127.0.0.1:1"
+
+
+def test_a_run_does_not_redirect_later_work_roots(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    prev = mlflow.get_tracking_uri()
+    try:
+        with start_run("infra-test", "a", uri=tracking_uri(tmp_path / "a")):
+            pass  # mlflow.set_tracking_uri alone would export MLFLOW_TRACKING_URI to the environment
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert tracking_uri(tmp_path / "b") == f"sqlite:///{tmp_path}/b/mlflow.db"
+    finally:
+        mlflow.set_tracking_uri(prev)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def test_flatten():
