@@ -206,6 +206,9 @@ def restore_archive(
     storage_options: dict | None = None,
 ) -> dict:
     """Restore every video under `input_prefix` into `output_prefix` (see the module docstring)."""
+    from infra.tracking import check_no_secrets
+
+    check_no_secrets(storage_options, "restore-archive's storage_options parameter")  # credentials: the environment
     settings = dict(task=task, mode=mode, method=method, steps=steps, guidance=guidance, seed=seed, model=model, frames=frames)
     summary = archive(input_prefix, output_prefix, settings, glob, concurrency, actors, executor, work_root, storage_options)
     print(f"restore-archive: {summary['restored']} restored, {summary['skipped']} skipped, {summary['failed']} failed "

@@ -48,7 +48,7 @@ import time
 import uuid
 from pathlib import Path
 
-from infra._proc import free_port, stop_group, wait_http
+from infra._proc import free_port, release, spawn, stop_group, wait_http
 
 __all__ = ["PrefectServer", "ProcessWorker", "deploy_all", "run_deployment", "prefect_cmd", "base_env"]
 
@@ -126,11 +126,10 @@ class PrefectServer:
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [*prefect_cmd(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
              "--analytics-off", "--ui" if self.ui else "--no-ui"],
-            env=_child_env(env), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=self.home,
+            env=_child_env(env), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
         )
         try:
             wait_http(f"{self.api_url}/health", timeout=self.startup_timeout, proc=self.proc)
@@ -149,6 +148,7 @@ class PrefectServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc, signals=(signal.SIGINT,), grace=self.stop_timeout)
+            release(self.proc)
             self.proc = None
         if getattr(self, "_log", None):
             self._log.close()
@@ -206,8 +206,8 @@ class ProcessWorker:
                "--name", self.name, "--install-policy", "never"]
         if self.limit:
             cmd += ["--limit", str(self.limit)]
-        self.proc = subprocess.Popen(cmd, env=_child_env(self.env), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd)
+        self.proc = spawn(cmd, env=_child_env(self.env), stdout=self._log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, cwd=self.cwd)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             text = self.log_tail(offset=offset)
@@ -231,6 +231,7 @@ class ProcessWorker:
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc, signals=(signal.SIGINT, signal.SIGINT), grace=self.stop_timeout)
+            release(self.proc)
             self.proc = None
         if getattr(self, "_log", None):
             self._log.close()

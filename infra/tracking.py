@@ -1,40 +1,84 @@
-"""MLflow setup: sqlite tracking URI, runs, flattened config params, per-frame series, a local UI server.
+"""MLflow: where runs are tracked, the run of one restoration, params with no secrets, per-frame series, a local UI.
 
-MLflow 3 refuses the ./mlruns file store by default, so the default backend is
-`sqlite:///{work_root}/mlflow.db`, with artifacts next to it in `{work_root}/mlartifacts`.
+MLflow 3 refuses the ./mlruns file store by default, so a local work root tracks in
+`sqlite:///{work_root}/mlflow.db` with artifacts next to it in `{work_root}/mlartifacts`. A remote work root
+(`s3://bucket/work`) tracks in a local sqlite too (see `tracking_uri`); MLFLOW_TRACKING_URI overrides both.
 
-    uri = tracking_uri(work_root)
-    with start_run("restore-video", "clip-001", tags={"git_commit": git_commit()}, uri=uri) as run:
-        log_config(config)              # {"sampler": {"steps": 50}} -> param "sampler.steps" = "50"
+    with restoration_run("restore-video", "clip.mp4:warped-diffusion", params=cfg.model_dump(),
+                         uri=tracking_uri(work_root), weights_hash=sha, input_url=cfg.input) as run:
+        ...                             # a raise ends the run FAILED with the error as tag `error`
         log_series("psnr", per_frame)   # step = frame index
+
+Secrets: everything recorded goes through `redact` (one place): `storage_options` and any key named like a
+secret (key, secret, token, password, credentials...) are dropped, credentials in URLs are cut, and the values
+of dropped secrets are scrubbed from every other string. Credentials belong in the environment (AWS_*),
+fsspec's config or a Prefect block, never in parameters.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from infra._proc import free_port, stop_group, wait_http
+from infra._proc import free_port, release, spawn, stop_group, wait_http
 
-__all__ = ["tracking_uri", "start_run", "log_config", "flatten", "log_series", "git_commit", "MlflowUI",
-           "ensure_experiment"]
+__all__ = ["tracking_uri", "use_tracking_uri", "start_run", "restoration_run", "log_config", "log_output_files", "redact", "scrub",
+           "is_secret_name", "check_no_secrets", "flatten", "log_series", "git_commit", "source_tags", "MlflowUI", "ensure_experiment"]
 
-MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: longer values are refused, so they are cut
+NEVER_RECORDED = ("storage_options",)  # whole subtrees never logged (fsspec options carry credentials)
+_SECRET_NAME = re.compile(r"secret|passw|token|credential|private|signature|(^|_)(api_?|access_?|session_?)?key(_?id)?$"
+                          r"|(^|_)key_|^auth", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+REDACTED = "***"
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".webm")
 
 
-def tracking_uri(work_root: str | os.PathLike) -> str:
-    """MLFLOW_TRACKING_URI if set, else `sqlite:///{work_root}/mlflow.db` (work_root is created)."""
+# --- where runs are tracked ----------------------------------------------------------------------------------------
+
+def _local_path(url: str | os.PathLike) -> Path | None:
+    """The local path of `url` (plain path or file://), or None for a remote URL (s3://, gs://, http://...)."""
+    text = str(url)
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://", text)
+    if m is None:
+        return Path(text).expanduser()
+    if m.group(1).lower() in ("file", "local"):
+        return Path(text[m.end():]).expanduser()
+    return None
+
+
+def default_local_dir() -> Path:
+    """Where a remote work root's runs are tracked: $RESTORE_VIDEO_MLFLOW_DIR or $XDG_DATA_HOME/restore-video."""
+    env = os.environ.get("RESTORE_VIDEO_MLFLOW_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "restore-video"
+
+
+def tracking_uri(work_root: str | os.PathLike, local_dir: str | os.PathLike | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set; else a sqlite DB on this machine (its directory is created):
+
+    - local work root (a path or file:// URL): `sqlite:///{work_root}/mlflow.db`;
+    - remote work root (s3://bucket/work...): `sqlite:///{local_dir}/mlflow.db`, `local_dir` defaulting to
+      `default_local_dir()`; tracking never writes a `s3:` folder into the current directory.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = Path(work_root).expanduser().resolve()
+    root = _local_path(work_root)
+    if root is None:
+        root = Path(local_dir).expanduser() if local_dir is not None else default_local_dir()
+        if _local_path(root) is None:
+            raise ValueError(f"MLflow needs a local directory for its sqlite DB, got {local_dir!r}; "
+                             "pass a local path or set MLFLOW_TRACKING_URI")
+    root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root}/mlflow.db"
 
@@ -42,8 +86,24 @@ def tracking_uri(work_root: str | os.PathLike) -> str:
 def _artifact_root(uri: str) -> str | None:
     """`{dir of the sqlite DB}/mlartifacts` for a sqlite URI, else None (let the server decide)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
     return None
+
+
+def use_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri(uri)` for this process without its side effect on the environment.
+
+    MLflow also writes the URI into os.environ["MLFLOW_TRACKING_URI"] (for subprocesses); `tracking_uri()` would
+    then return the first run's store for every later work root in the process (and every later test).
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
@@ -65,6 +125,77 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         return exp.experiment_id
 
 
+# --- no secret is ever recorded -----------------------------------------------------------------------------------
+
+def is_secret_name(name: str) -> bool:
+    """True for names that hold credentials: key, secret, token, password, aws_access_key_id, api_key, ..."""
+    return bool(_SECRET_NAME.search(str(name)))
+
+
+def _dropped(name: str) -> bool:
+    parts = str(name).split(".")  # flattened keys: "storage_options.secret"
+    return any(p in NEVER_RECORDED or is_secret_name(p) for p in parts)
+
+
+def _secret_values(config: Any, inside: bool = False) -> set[str]:
+    """String values stored under secret-named keys (at any depth, flattened or nested)."""
+    found: set[str] = set()
+    if isinstance(config, Mapping):
+        for k, v in config.items():
+            secret = inside or any(is_secret_name(p) for p in str(k).split("."))
+            found |= _secret_values(v, secret)
+    elif isinstance(config, (list, tuple)):
+        for v in config:
+            found |= _secret_values(v, inside)
+    elif inside and config is not None and len(str(config)) >= 4:
+        found.add(str(config))
+    return found
+
+
+def scrub(text: str, config: Any = None) -> str:
+    """`text` with credentials in URLs (`scheme://user:pass@`) cut and the secret values of `config` replaced."""
+    text = _URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", str(text))
+    for value in sorted(_secret_values(config), key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `config` (nested or flattened) that is safe to record: MLflow params and config.json, tags, logs.
+
+    Drops `storage_options` and every secret-named key (`is_secret_name`), cuts credentials out of URLs, and
+    replaces the dropped secrets' values wherever else they appear.
+    """
+    secrets = sorted(_secret_values(config), key=len, reverse=True)
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if not _dropped(k)}
+        if isinstance(value, (list, tuple)):
+            return type(value)(clean(v) for v in value)
+        if isinstance(value, str):
+            value = _URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", value)
+            for secret in secrets:
+                value = value.replace(secret, REDACTED)
+        return value
+
+    return clean(config)
+
+
+def check_no_secrets(options: Mapping[str, Any] | None, where: str = "storage_options") -> None:
+    """ValueError naming the credential keys in `options` (e.g. fsspec storage options that become Prefect
+    parameters, which Prefect stores and shows as they are), with the way out: the environment or fsspec config."""
+    names = [k for k in flatten(dict(options or {})) if any(is_secret_name(p) for p in k.split("."))]
+    if names:
+        raise ValueError(
+            f"{where} must not hold credentials ({', '.join(sorted(names))}): they would be stored with the run's "
+            "parameters. Set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for "
+            "S3), in fsspec's config (~/.config/fsspec/*.json) or a Prefect block, and keep only options such as "
+            "client_kwargs.endpoint_url here")
+
+
+# --- runs, params, metrics, artifacts -----------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, Any] | None = None,
               nested: bool = False, parent_run_id: str | None = None, uri: str | None = None) -> Iterator:
@@ -72,17 +203,99 @@ def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, A
 
     `uri`: tracking URI to set first (default: whatever mlflow is set to / MLFLOW_TRACKING_URI).
     `nested=True` nests under the active run; `parent_run_id` nests under that run (e.g. from
-    another process) — both set the `mlflow.parentRunId` tag.
+    another process) — both set the `mlflow.parentRunId` tag. Tags are redacted like params.
     """
     import mlflow
 
     if uri:
-        mlflow.set_tracking_uri(uri)
+        use_tracking_uri(uri)
     exp_id = ensure_experiment(experiment, mlflow.get_tracking_uri())
-    tags = {k: str(v) for k, v in (tags or {}).items()}
+    tags = {k: str(v) for k, v in redact(tags or {}).items()}
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags,
                           nested=nested or parent_run_id is not None, parent_run_id=parent_run_id) as run:
         yield run
+
+
+def _flow_run_id() -> str | None:
+    """The Prefect flow run this code runs in, if any."""
+    try:
+        from prefect.context import get_run_context
+
+        ctx = get_run_context()
+        return str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
+    except Exception:
+        return None
+
+
+def _log_input(url: str) -> None:
+    """`mlflow.log_input` of the input video as a dataset (its source = the URL, credentials cut)."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    safe = scrub(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
+        source = resolve_dataset_source(safe)
+    mlflow.log_input(MetaDataset(source, name=os.path.basename(safe.rstrip("/")) or safe), context="input")
+
+
+@contextlib.contextmanager
+def restoration_run(experiment: str, run_name: str | None = None, *, params: Mapping[str, Any] | None = None,
+                    tags: Mapping[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None,
+                    weights_hash: str | None = None, input_url: str | None = None,
+                    system_metrics: bool | None = None) -> Iterator:
+    """The MLflow run of one restoration, opened when the flow starts; yields the ActiveRun.
+
+    - params: `log_config(params)` (redacted, flattened) and the same dict as `config.json`;
+    - tags: `mlflow.source.git.commit`, `weights_sha256` (when given), `prefect_flow_run_id` (inside a flow run),
+      then `tags` (redacted);
+    - the input (`input_url`) as an MLflow dataset input;
+    - system metrics (CPU, memory, GPU) when psutil is importable, unless `system_metrics=False`;
+    - ends FINISHED; FAILED when the body raises, with tag `error` = "<Type>: <message>" (secrets scrubbed);
+      KILLED on KeyboardInterrupt/SystemExit. The exception propagates.
+    """
+    import mlflow
+
+    if uri:
+        use_tracking_uri(uri)
+    if system_metrics is None:
+        try:
+            import psutil  # noqa: F401
+
+            system_metrics = True
+        except ImportError:
+            system_metrics = False
+    exp_id = ensure_experiment(experiment, mlflow.get_tracking_uri())
+    all_tags = dict(source_tags())
+    if weights_hash:
+        all_tags["weights_sha256"] = weights_hash
+    flow_run = _flow_run_id()
+    if flow_run:
+        all_tags["prefect_flow_run_id"] = flow_run
+    all_tags.update(tags or {})
+    all_tags = {k: scrub(str(v), params) for k, v in redact(all_tags).items()}
+    run = mlflow.start_run(experiment_id=exp_id, run_name=scrub(run_name, params) if run_name else None,
+                           tags=all_tags, nested=parent_run_id is not None, parent_run_id=parent_run_id,
+                           log_system_metrics=system_metrics)
+    try:
+        if params:
+            log_config(params, run.info.run_id, artifact_file="config.json")
+        if input_url:
+            _log_input(input_url)
+        yield run
+    except BaseException as exc:
+        from mlflow.tracking import MlflowClient
+
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        message = scrub(f"{exc.__class__.__name__}: {exc}", params)
+        MlflowClient().set_tag(run.info.run_id, "error", message[:MAX_PARAM_CHARS])
+        mlflow.end_run(status)
+        raise
+    else:
+        mlflow.end_run("FINISHED")
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -104,21 +317,24 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= MAX_PARAM_CHARS else s[: MAX_PARAM_CHARS - 3] + "..."
 
 
-def log_config(config: Mapping[str, Any], run_id: str | None = None, prefix: str = "") -> dict[str, str]:
-    """Log a nested config as flattened `a.b.c` params, 100 per batch, values cut to 6000 chars.
+def log_config(config: Mapping[str, Any], run_id: str | None = None, prefix: str = "",
+               artifact_file: str | None = None) -> dict[str, str]:
+    """Log a config as flattened `a.b.c` params (values cut to 6000 chars), redacted first (`redact`).
 
-    Returns the params as logged. `run_id`: default the active run.
+    `artifact_file` (e.g. "config.json"): also log the redacted config as that JSON artifact. Returns the
+    params as logged. `run_id`: default the active run. (MLflow's client splits large batches itself.)
     """
     import mlflow
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     run_id = run_id or mlflow.active_run().info.run_id
-    params = {k: _param_value(v) for k, v in flatten(config, prefix).items()}
-    items = [Param(k, v) for k, v in params.items()]
+    safe = redact(config)
+    params = {k: _param_value(v) for k, v in flatten(safe, prefix).items()}
     client = MlflowClient()
-    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[i: i + MAX_PARAMS_PER_BATCH])
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    if artifact_file:
+        client.log_dict(run_id, safe, artifact_file)
     return params
 
 
@@ -130,21 +346,48 @@ def log_series(name: str, values: Iterable[float], run_id: str | None = None, st
 
     run_id = run_id or mlflow.active_run().info.run_id
     now = int(time.time() * 1000)
-    metrics = [Metric(name, float(v), now, start_step + i) for i, v in enumerate(values)]
+    MlflowClient().log_batch(run_id, metrics=[Metric(name, float(v), now, start_step + i) for i, v in enumerate(values)])
+
+
+def log_output_files(urls: Mapping[str, str], storage_options: Mapping | None = None, log_videos: bool = False,
+                     run_id: str | None = None) -> list[str]:
+    """Copy the run's output files (any fsspec URL) into its artifacts; videos only when `log_videos`.
+
+    Videos already live in `--out`; copying them into MLflow doubles the disk an archive uses. Returns the
+    artifact names logged.
+    """
+    import fsspec
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    run_id = run_id or mlflow.active_run().info.run_id
     client = MlflowClient()
-    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i: i + MAX_METRICS_PER_BATCH])
+    logged = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, url in urls.items():
+            if not log_videos and str(url).lower().endswith(VIDEO_SUFFIXES):
+                continue
+            local = os.path.join(tmp, os.path.basename(name))
+            with fsspec.open(url, "rb", **dict(storage_options or {})) as src, open(local, "wb") as dst:
+                dst.write(src.read())
+            client.log_artifact(run_id, local)
+            logged.append(os.path.basename(name))
+    return logged
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """Short hash of HEAD of the repository at `cwd` (default: this package's), or "unknown"."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                           timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+    """Full hash of HEAD of the repository at `cwd` (default: this package's), or "unknown" (MLflow's own lookup)."""
+    from mlflow.utils.git_utils import get_git_commit
+
+    return get_git_commit(str(cwd or Path(__file__).resolve().parent)) or "unknown"
+
+
+def source_tags(cwd: str | os.PathLike | None = None) -> dict[str, str]:
+    """MLflow's own source tag for the code that ran: `mlflow.source.git.commit` (absent outside a git checkout)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    commit = git_commit(cwd)
+    return {MLFLOW_GIT_COMMIT: commit} if commit != "unknown" else {}
 
 
 class MlflowUI:
@@ -188,8 +431,8 @@ class MlflowUI:
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if self.jobs else "false"}
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=log_dir)
+        self.proc = spawn(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          cwd=log_dir)
         try:
             wait_http(f"{self.url}/health", timeout=self.startup_timeout, proc=self.proc)
         except Exception as e:
@@ -202,6 +445,7 @@ class MlflowUI:
         if self.proc is not None:
             # SIGTERM: uvicorn shuts down at once (SIGINT to the group left it waiting ~10 s)
             stop_group(self.proc, signals=(signal.SIGTERM,), grace=10)
+            release(self.proc)
             self.proc = None
         if getattr(self, "_log", None):
             self._log.close()

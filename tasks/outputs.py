@@ -216,17 +216,14 @@ def write_outputs(out: str, restored, prepared: xr.Dataset, fps: float, audio_fr
     return urls
 
 
-def log_to_mlflow(params: dict, report: dict, per_frame: dict, urls: dict, storage_options=None) -> None:
-    """Into the active MLflow run: the whole config, summary + per-frame metrics, the outputs as artifacts."""
-    import tempfile
-
-    import fsspec
+def log_to_mlflow(params: dict, report: dict, per_frame: dict, urls: dict, storage_options=None, log_videos: bool = False) -> None:
+    """Into the active MLflow run: the config (secrets redacted by infra.tracking), summary + per-frame metrics, the
+    outputs as artifacts (videos only with `log_videos`)."""
     import mlflow
 
     from infra import tracking
 
-    tracking.log_config(params)
-    mlflow.log_dict(params, "config.json")
+    tracking.log_config(params, artifact_file="config.json")
     flat = {}
     for key, value in report.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -236,8 +233,4 @@ def log_to_mlflow(params: dict, report: dict, per_frame: dict, urls: dict, stora
     mlflow.log_metrics({k: float(v) for k, v in flat.items() if v == v})  # NaN-free
     for name, values in per_frame.items():
         tracking.log_series(f"per_frame_{name}", values)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, url in urls.items():
-            with fsspec.open(url, "rb", **(storage_options or {})) as src, open(f"{tmp}/{name}", "wb") as dst:
-                dst.write(src.read())
-            mlflow.log_artifact(f"{tmp}/{name}")
+    tracking.log_output_files(urls, storage_options, log_videos=log_videos)

@@ -91,3 +91,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- nothing the suite starts outlives it (issue 11, item 7) ----------------------------------------------------
+# Every process started from here on inherits RESTORE_VIDEO_TEST_SUITE=<session id>. At the end of the session the
+# in-process services are stopped (Ray, Prefect's temporary server: normally at interpreter exit), then any
+# Prefect / MLflow / uvicorn / Ray process still carrying the id fails the run (and is killed).
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_running():
+    import uuid as _uuid
+
+    from tests._servers import SUITE_ENV, marked_processes, stop_in_process_services, wait_gone
+
+    mark = _uuid.uuid4().hex
+    previous = os.environ.get(SUITE_ENV)
+    os.environ[SUITE_ENV] = mark
+    yield
+    held = stop_in_process_services()
+    leftovers = wait_gone(marked_processes(mark), timeout=20.0)
+    described = [f"pid {p.pid}: {' '.join(p.cmdline())[:200]}" for p in leftovers if p.is_running()]
+    for p in leftovers:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    if previous is None:
+        os.environ.pop(SUITE_ENV, None)
+    else:
+        os.environ[SUITE_ENV] = previous
+    problems = ([f"servers started with infra._proc.spawn and never stopped: {held}"] if held else []) + \
+        ([f"processes started by the suite still running after it (killed now): {described}"] if described else [])
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored():
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; a test that sets it back to MLflow's default
+    (`sqlite:///mlflow.db`) would send every later run of the session into ./mlflow.db of the checkout."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before

@@ -1,4 +1,5 @@
-"""ModelActorPool on a local Ray: results equal an inline computation, torch threads as requested."""
+"""ModelActorPool on a local Ray: results equal an inline computation, torch threads as requested, lazy start,
+progress polling, and a clear error (not a hang) when no node can host the actors."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,9 @@ import os
 import pytest
 import torch
 
-from infra.ray_pool import ModelActorPool, default_temp_dir, ensure_ray
+import time
+
+from infra.ray_pool import ActorPlacementError, ModelActorPool, default_temp_dir, ensure_ray
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +55,9 @@ def test_pool_matches_inline_and_sets_threads(ray_local):
 
     with ModelActorPool(TinyModel, args=(8,), kwargs={"seed": 3}, num_actors=2, num_cpus=1,
                         torch_threads=1) as pool:
-        assert pool.num_gpus == 0 and pool.num_cpus == 1
+        assert pool.actors == [] and pool.num_cpus is None  # lazy: nothing starts before the first call
         results = pool.map("run", seeds)
+        assert pool.num_gpus == 0 and pool.num_cpus == 1 and len(pool.actors) == 2
         assert [t for t, _ in results] == [1] * len(seeds)
         for (_, got), want in zip(results, expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -62,8 +66,8 @@ def test_pool_matches_inline_and_sets_threads(ray_local):
 
     # one actor gets all CPUs by default, and as many torch threads
     with ModelActorPool(TinyModel, args=(8,), kwargs={"seed": 3}) as pool:
-        assert pool.num_cpus == 2
         [(threads, got)] = pool.map("run", [5])
+        assert pool.num_cpus == 2  # the cluster's CPUs (ray_local: 2)
         assert threads == 2
         torch.testing.assert_close(got, expected[5], rtol=0, atol=0)
 
@@ -74,6 +78,57 @@ def test_actor_errors_propagate(ray_local):
     with ModelActorPool(TinyModel, args=(8,), num_cpus=1) as pool:
         with pytest.raises(ray.exceptions.RayTaskError):
             pool.map("run", ["not a seed"])
+
+
+class Counter:
+    """Counts to `n` in steps, publishing its progress like SamplerWorker does (tick / total_ticks)."""
+
+    def __init__(self):
+        self.state = {"tick": 0, "total_ticks": 0}
+
+    def progress(self) -> dict:
+        return dict(self.state)
+
+    def count(self, n: int, step_s: float) -> int:
+        for i in range(n):
+            time.sleep(step_s)
+            self.state = {"tick": i + 1, "total_ticks": n}
+        return n
+
+
+def test_submit_polls_progress_and_shares_actors_between_threads(ray_local):
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen = []
+    with ModelActorPool(Counter, num_actors=1, num_cpus=1, progress_method="progress") as pool:
+        assert pool.submit("count", 8, 0.1, progress=seen.append, poll_s=0.05) == 8
+        ticks = [p["tick"] for p in seen]
+        assert ticks == sorted(ticks) and len(set(ticks)) >= 3, seen  # several distinct, increasing updates
+        assert all(p["total_ticks"] in (0, 8) for p in seen)
+        with ThreadPoolExecutor(3) as ex:  # three callers, one actor: each waits for it, none fails
+            assert list(ex.map(lambda n: pool.submit("count", n, 0.01), [3, 4, 5])) == [3, 4, 5]
+    with ModelActorPool(Counter, num_cpus=1) as pool, pytest.raises(ValueError, match="progress_method"):
+        pool.submit("count", 1, 0.0, progress=print)
+
+
+def test_no_node_can_host_the_actor_is_a_clear_error_at_once(ray_local):
+    t0 = time.monotonic()
+    pool = ModelActorPool(TinyModel, args=(8,), num_cpus=1, ray_options={"resources": {"tpu_v9": 1}})
+    with pytest.raises(ActorPlacementError, match=r"no Ray node can host a TinyModel actor: it needs .*tpu_v9=1"):
+        pool.map("run", [0])
+    assert time.monotonic() - t0 < 30 and pool.actors == []
+
+
+def test_actors_that_cannot_start_in_time_are_a_clear_error(ray_local):
+    with ModelActorPool(Counter, num_cpus=2) as hog:  # takes both CPUs of ray_local
+        hog.start()
+        t0 = time.monotonic()
+        late = ModelActorPool(Counter, num_cpus=1, start_timeout=3)
+        with pytest.raises(ActorPlacementError, match=r"1 of 1 Counter actors did not start within 3 s"):
+            late.submit("count", 1, 0.0)
+        assert time.monotonic() - t0 < 30
+    with ModelActorPool(Counter, num_cpus=1, start_timeout=60) as pool:  # the CPUs are free again
+        assert pool.submit("count", 2, 0.0) == 2
 
 
 _THREAD_START = r"""

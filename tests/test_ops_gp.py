@@ -20,6 +20,7 @@ def _draws(n, truncation=gp.DEFAULT_TRUNCATION, points=None, channels=4):
     return np.concatenate(out, axis=0)  # (n*C, P): channels are independent given (z, b), uncorrelated overall
 
 
+@pytest.mark.slow  # 8000 draws: ~12 s on 2 cores (the standard error of the variance needs them)
 def test_per_pixel_variance_is_one():
     points = gp.grid_points(4, 4).reshape(-1, 2)
     samples = _draws(8000, points=points)

@@ -59,6 +59,7 @@ def test_rerun_recomputes_nothing_and_reports_it(clip, tmp_path):
     assert info.frames == 6 and abs(info.fps - 8) < 1e-6 and (info.width, info.height) == (64, 64)
 
 
+@pytest.mark.slow  # a CLI subprocess killed mid-sampling, then two full restores: ~21 s
 def test_sigkill_during_sampling_then_resume_equals_uninterrupted(clip, tmp_path):
     work = tmp_path / "work"
     args = ["run", clip, "--mode", "benchmark", "--executor", "inline", "--steps", "60", "--work-root", str(work)]
