@@ -212,35 +212,69 @@ def regularizer(kind: str, z: torch.Tensor) -> torch.Tensor:
     return (sq / 2 - (d - 1) / 2 * torch.log(sq)).sum()
 
 
+class _RFFNufft(torch.autograd.Function):
+    """z(p) = sqrt(2/J) sum_j w_j cos(<z_j, p> + b_j) by a type-3 NUFFT, and its adjoint for the gradient:
+    dL/dw_j = sqrt(2/J) Re(e^{i b_j} sum_p g(p) e^{i <z_j, p>}), another type-3 NUFFT (points -> frequencies)."""
+
+    @staticmethod
+    def forward(ctx, weights, features, points, tol):
+        ctx.features, ctx.points, ctx.tol = features, points, tol
+        feats = gp.RFFeatures(features.freqs, features.phases, weights.detach().cpu().double().numpy(), features.length_scale)
+        out = gp.rff_eval_nufft(feats, points, tol=tol)  # (C, N)
+        return torch.from_numpy(out).to(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import finufft
+
+        feats, pts = ctx.features, ctx.points
+        g = np.ascontiguousarray(grad.detach().cpu().double().numpy()).astype(np.complex128)  # (C, N)
+        vals = finufft.nufft2d3(pts[:, 0].copy(), pts[:, 1].copy(), g, feats.freqs[:, 0].copy(), feats.freqs[:, 1].copy(),
+                                eps=ctx.tol, isign=1)  # (C, J)
+        dw = math.sqrt(2.0 / feats.num_features) * np.real(np.exp(1j * feats.phases) * vals)
+        return torch.from_numpy(dw).to(grad), None, None, None
+
+
 @dataclass(frozen=True)
 class VideoSource:
     """Noise of every frame as one GP's RFF sum at the frames' chained positions: z = basis @ w, linear in w.
 
-    basis: (F, h*w, J) = sqrt(2/J) cos(<z_j, p> + b_j) at each frame's unit-square positions (dense, differentiable);
-    shape: (F, C, h, w). Calling it with weights (C, J) gives the noise (F, C, h, w).
+    Calling it with weights (C, J) gives the noise (F, C, h, w), differentiable in the weights. Backends: 'dense'
+    holds the cos matrix (F, h*w, J) (exact; memory F*h*w*J values, e.g. 8 frames of 32x32 latents with J = 3000:
+    98 MB in float32); 'nufft' evaluates it and its adjoint by type-3 NUFFTs (to `tol`, memory O(F*h*w + J)).
     """
 
-    basis: torch.Tensor
+    features: gp.RFFeatures
+    points: np.ndarray  # (F*h*w, 2) unit-square positions
     shape: tuple[int, int, int, int]
+    backend: str = "dense"
+    tol: float = 1e-9
+    basis: torch.Tensor | None = None  # dense backend: (F, h*w, J)
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
         f, c, h, w = self.shape
-        return (weights.to(self.basis) @ self.basis.transpose(1, 2)).view(f, c, h, w)  # (F, C, h*w) -> (F, C, h, w)
+        if self.basis is not None:
+            return (weights.to(self.basis) @ self.basis.transpose(1, 2)).view(f, c, h, w)  # (F, C, h*w) -> (F, C, h, w)
+        field = _RFFNufft.apply(weights, self.features, self.points, self.tol)  # (C, F*h*w)
+        return field.view(c, f, h, w).transpose(0, 1)
 
 
-def video_source(features: gp.RFFeatures, positions: torch.Tensor, dtype=torch.float32) -> tuple[VideoSource, torch.Tensor]:
+def video_source(features: gp.RFFeatures, positions: torch.Tensor, dtype=torch.float32, backend: str = "dense",
+                 tol: float = 1e-9) -> tuple[VideoSource, torch.Tensor]:
     """The video-level source of `features` at chained latent positions (F, h, w, 2) -> (source, initial weights (C, J)).
 
-    The initial weights are the draw's own, so source(w0) equals ops.gp.gp_noise_at at those positions; memory is
-    F * h * w * J values (e.g. 8 frames of 32x32 latents with J = 3000: 98 MB in float32).
+    The initial weights are the draw's own, so source(w0) equals ops.gp.gp_noise_at at those positions.
     """
+    check_choice("backend", backend, ("dense", "nufft"))
     positions = torch.as_tensor(positions)
     check_shape("positions", positions, (None, None, None, 2), "as (frames, h, w, xy) in latent pixels")
     f, h, w, _ = positions.shape
-    unit = torch.from_numpy(gp.pixel_to_unit(positions.detach().cpu().double().numpy(), h, w)).reshape(f, h * w, 2)
-    arg = unit @ torch.from_numpy(features.freqs).T + torch.from_numpy(features.phases)  # (F, h*w, J)
-    basis = math.sqrt(2.0 / features.num_features) * torch.cos(arg)
-    source = VideoSource(basis=basis.to(dtype), shape=(f, features.channels, h, w))
+    points = gp.pixel_to_unit(positions.detach().cpu().double().numpy(), h, w).reshape(-1, 2)  # (F*h*w, 2)
+    basis = None
+    if backend == "dense":
+        arg = torch.from_numpy(points).view(f, h * w, 2) @ torch.from_numpy(features.freqs).T + torch.from_numpy(features.phases)
+        basis = (math.sqrt(2.0 / features.num_features) * torch.cos(arg)).to(dtype)  # (F, h*w, J)
+    source = VideoSource(features, points, (f, features.channels, h, w), backend, tol, basis)
     return source, torch.from_numpy(features.weights).to(dtype)
 
 

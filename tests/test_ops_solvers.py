@@ -255,3 +255,22 @@ def test_bad_inputs_raise_clear_errors():
         solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, optimizer="sgd")
     with pytest.raises(ValueError, match="levels"):
         solvers.vipaint(gaussian_denoiser, noise, sigmas, y, op, torch.Generator(), levels=(2, 1))
+
+
+def test_nufft_video_source_and_its_gradient_match_the_dense_one():
+    f, c, h, w = 3, 2, 8, 6
+    _, bwd, _ = _video(f, c, h, w, dx=0.7)
+    positions = flow.chain_positions(bwd)
+    features = gp.draw_rff(np.random.default_rng(1), c, max(h, w), num_features=300)
+    dense, w0 = solvers.video_source(features, positions, dtype=torch.float64)
+    fast, _ = solvers.video_source(features, positions, dtype=torch.float64, backend="nufft")
+    target = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for source in (dense, fast):
+        weights = w0.clone().requires_grad_(True)
+        z = source(weights)
+        (z * target).sum().backward()
+        grads.append((z.detach(), weights.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-7)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    assert grads[0][1].abs().max() > 0.1
