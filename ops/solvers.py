@@ -50,6 +50,7 @@ from . import sampling
 from ._checks import check_choice, check_finite, check_positive, check_shape
 
 Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SOLVERS = ("dps", "dflow", "dmplug", "vipaint")
 OPTIMIZERS = ("lbfgs", "adam")
 REGULARIZERS = ("chi", "gaussian")
 
@@ -450,3 +451,25 @@ def vipaint(
                     dps_correction(y, operator, zeta, residual))
     history["residual"] = residual
     return x, history
+
+
+# ---- one entry point ----
+
+# DMPlug = D-Flow's source optimisation with Adam and ES-WMV early stopping (our defaults, not the paper's tuning).
+DMPLUG_DEFAULTS = {"optimizer": "adam", "lr": 0.01, "patience": 10, "window": 5}
+
+
+def solve(name: str, denoiser, noise: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor, operator: Measurement,
+          generator: torch.Generator | None = None, **params) -> tuple[torch.Tensor, dict]:
+    """Run solver `name` (one of SOLVERS) with its own keyword parameters -> (latents (F, C, h, w), history).
+
+    For dflow / dmplug `noise` is the initial source parameter (the noise itself, or RFF weights with source=).
+    """
+    check_choice("solver", name, SOLVERS)
+    if name == "dps":
+        return dps(denoiser, noise, sigmas, y, operator, **params)
+    if name in ("dflow", "dmplug"):
+        return dflow(denoiser, noise, sigmas, y, operator, **({**DMPLUG_DEFAULTS, **params} if name == "dmplug" else params))
+    if generator is None:
+        raise ValueError("solver 'vipaint' draws from its posterior: pass generator=torch.Generator().manual_seed(seed)")
+    return vipaint(denoiser, noise, sigmas, y, operator, generator, **params)

@@ -82,7 +82,7 @@ def test_dps_measurement_step_scales_with_zeta():
 # ---- D-Flow / DMPlug ----
 
 
-@pytest.mark.parametrize("optimizer,lr,iterations,tol", [("lbfgs", 1.0, 30, 1e-6), ("adam", 0.05, 400, 1e-5)])
+@pytest.mark.parametrize("optimizer,lr,iterations,tol", [("lbfgs", 1.0, 12, 1e-6), ("adam", 0.05, 400, 1e-5)])
 def test_dflow_reaches_the_closed_form_optimum(optimizer, lr, iterations, tol):
     """min_z ||y - keep * R(z)||^2 + lam |z|^2 / 2 with R(z) = a + b z: z* = 2 b keep (y - a) / (2 b^2 + lam)."""
     keep, y, *_, noise, op = _masked_problem(3, c=2)
@@ -193,6 +193,43 @@ def test_solvers_are_deterministic_and_work_with_self_guidance(name, guidance):
     if guidance:
         unguided = _solve(name, model, noise, y, op, forward=fwd, valid=valid, guidance=0.0)
         assert not torch.equal(first, unguided)
+
+
+@pytest.mark.parametrize("method", noise_warp.METHODS)
+def test_solvers_take_every_noise_method(method):
+    """The noise is the solvers' input: every warping baseline feeds DPS, D-Flow and VIPaint with guidance on."""
+    fwd, bwd, valid = _video()
+    noise = noise_warp.warp_noise(method, np.random.default_rng(0), (4, 2, 8, 8), backward=bwd.float(),
+                                  forward=fwd.float()).double()
+    model = PositionalDenoiser(2, 8, 8)
+    keep = (torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.3).double()
+    y = (keep * 0.5).expand(4, 2, 8, 8)
+    op = lambda v, j: operators.mask(v, keep)
+    for name in ("dps", "dflow", "vipaint"):
+        x = _solve(name, model, noise, y, op, forward=fwd, valid=valid, guidance=1.0)
+        assert x.shape == noise.shape and torch.isfinite(x).all(), (method, name)
+
+
+def test_dflow_checkpointing_changes_memory_not_results():
+    keep, y, *_, noise, op = _masked_problem(3, c=2)
+    model = PositionalDenoiser(2, 4, 4)
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    runs = [solvers.dflow(model, noise, sigmas, y, op, iterations=3, optimizer="adam", lr=0.1, checkpoint=c) for c in (False, True)]
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-12) and runs[0][1]["loss"] == pytest.approx(runs[1][1]["loss"], rel=1e-12)
+
+
+def test_solve_dispatches_and_dmplug_is_dflow_with_early_stopping():
+    keep, y, *_, noise, op = _masked_problem(3, c=2)
+    sigmas = sampling.karras_sigmas(8, 0.002, 80.0)
+    x, hist = solvers.solve("dmplug", gaussian_denoiser, noise, sigmas, y, op, iterations=300, lr=0.05)
+    assert len(hist["variance"]) > 0 and ((x - y) * keep).abs().max() < 1e-3  # ES-WMV tracked (it stops on stalls:
+    # see test_dflow_early_stopping_stops_once_the_iterates_settle; this convex toy's variance keeps falling)
+    x_dps, _ = solvers.solve("dps", gaussian_denoiser, noise, sigmas, y, op, zeta=0.3)
+    assert torch.equal(x_dps, solvers.dps(gaussian_denoiser, noise, sigmas, y, op, zeta=0.3)[0])
+    with pytest.raises(ValueError, match="unknown solver"):
+        solvers.solve("ddrm", gaussian_denoiser, noise, sigmas, y, op)
+    with pytest.raises(ValueError, match="generator"):
+        solvers.solve("vipaint", gaussian_denoiser, noise, sigmas, y, op)
 
 
 def test_run_sampler_equals_the_video_sampler():
