@@ -242,6 +242,14 @@ def test_run_sampler_equals_the_video_sampler():
         ours = solvers.run_sampler(model, noise * sigmas[0], sigmas, forward=fwd, valid=valid, guidance=guidance)
         ref = sampling.sample_video(model, noise, sigmas, None, fwd, valid, guidance=guidance, schedule="sequential")
         assert torch.allclose(ours, ref, atol=1e-12), guidance
+    # pixel-space guidance: a decoder (nearest x2 to 3 channels) and the flows on the decoded grid
+    decode = lambda z: torch.nn.functional.interpolate(z[:, :1].expand(-1, 3, -1, -1), scale_factor=2)
+    fwd2, bwd2, valid2 = _video(4, 2, 16, 16, dx=2.0)
+    ours = solvers.run_sampler(model, noise * sigmas[0], sigmas, forward=fwd2, valid=valid2, guidance=1.0, decode=decode)
+    ref = sampling.sample_video(model, noise, sigmas, None, fwd2, valid2, guidance=1.0, schedule="sequential",
+                                decode=decode, decoded_size=(16, 16))
+    assert torch.allclose(ours, ref, atol=1e-12)
+    assert not torch.allclose(ours, solvers.run_sampler(model, noise * sigmas[0], sigmas), atol=1e-6)
 
 
 def test_dps_operator_sees_each_frames_index():
