@@ -1,0 +1,475 @@
+"""Zero-shot inverse-problem solvers with one unconditional prior: DPS, D-Flow / DMPlug, VIPaint (simplified).
+
+Conventions (k-diffusion style, EDM/Karras parameterisation, see ops.sampling):
+
+- denoiser D(x, sigma, cond) -> x0_hat, x (B, C, h, w), sigma (B,), frames treated independently.
+- noise: the unit-variance source (F, C, h, w) of any noise-warping method (ops.noise_warp); x_T = sigmas[0] * noise.
+- operator(x0_hat, frames) -> measurement (B, ...): the forward model A applied to a batch of predictions whose
+  frame indices are `frames` (B,) long, so that per-frame masks or kernels can be looked up; y (F, ...) holds the
+  measurements. For a latent prior A includes the decoder (e.g. lambda x, j: ops.operators.downsample(decode(x), 4)).
+- guidance = lambda of the equivariance self-guidance (paper Algorithm 1): > 0 needs the forward flows (F-1, h, w, 2)
+  and masks (F-1, h, w) of ops.sampling.sample_video (or pixel flows with `decode`); 0 runs all frames as one batch.
+  Every step is `ops.sampling.guided_update`; a solver's measurement step is computed on the same denoiser call.
+- Every solver returns (clean latents (F, C, h, w), history dict of per-step or per-iteration losses).
+
+Solvers:
+
+- `dps` (Chung et al. 2023, Alg. 1): x_next = Euler(x) - zeta_t * grad_x ||y - A(D(x))||. DPS's VP step
+  zeta * grad_{x_vp} written in our VE coordinates (x_ve = x_vp / sqrt(abar), 1/abar = 1 + sigma^2) is
+  zeta * (1 + sigma^2) * grad_{x_ve}: that is the step used, so `zeta` keeps the paper's meaning.
+- `dflow` (Ben-Hamu et al. 2024; DMPlug, Wang et al. 2024): x = R(z), the deterministic Euler sampler from source z,
+  differentiated end to end; minimise ||y - A(R(z))||^2 + reg_weight * reg(z) with L-BFGS or Adam. reg = 'chi' is
+  D-Flow's negative log-likelihood of ||z|| under the chi distribution, 'gaussian' is ||z||^2 / 2 (MAP).
+  DMPlug's early stopping (ES-WMV) stops when the running variance of the iterates over a window has not
+  decreased for `patience` iterations and returns the iterate where it was lowest. `source` maps the optimised
+  parameters to the noise: identity (per-frame sources) or `video_source` (the RFF weights of one GP shared by
+  all frames, evaluated at their flow-chained positions: the sources stay consistent by construction).
+  Self-guidance is not differentiated through (its own gradient would need second-order autograd): the
+  optimisation runs the unguided R, and the final sample from the optimised source runs with guidance.
+- `vipaint` (Agarwal et al. 2024), simplified: Gaussian posteriors over K noise levels of our schedule
+  (sigmas[levels]), a top level q(x_{s1}) = N(m_1, diag v_1) against the prior N(0, (s1^2 + sigma_data^2) I),
+  and transitions q(x_{s_i} | x_{s_{i-1}}) = N(mu_p + m_i, diag v_i) where N(mu_p, v_p) is the prior's ancestral
+  step (mu_p = x0 + (s_i/s_{i-1})^2 (x - x0), v_p = s_i^2 (1 - (s_i/s_{i-1})^2), x0 = D(x, s_{i-1})); fitted by
+  minimising the negative ELBO ||y - A(D(x_{sK}))||^2 / (2 gamma^2) + sum_i KL_i with reparameterised samples
+  and Adam, then a draw from q and DPS from s_K to the end. The paper's q means are free per level too; its
+  schedule-specific times are replaced by indices into our schedule, and the KL terms are the closed-form
+  Gaussian ones given the sampled parent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import gp
+from . import sampling
+from ._checks import check_choice, check_finite, check_positive, check_shape
+
+Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+SOLVERS = ("dps", "dflow", "dmplug", "vipaint")
+OPTIMIZERS = ("lbfgs", "adam")
+REGULARIZERS = ("chi", "gaussian")
+
+
+# ---- shared pieces ----
+
+
+def _sigma(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).expand(batch).clone()  # (B,)
+
+
+def residual_norms(y: torch.Tensor, operator: Measurement, x0: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """||y_j - A(x0_j)|| per frame of the batch -> (B,)."""
+    return (y[frames] - operator(x0, frames)).flatten(1).norm(dim=1)
+
+
+def _check_common(noise, sigmas, y, guidance, forward, valid, decode):
+    sampling.check_sigmas(sigmas)
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 4:
+        raise ValueError(f"noise must be a (F, C, h, w) tensor, got {getattr(noise, 'shape', type(noise).__name__)}")
+    check_finite("noise", noise)
+    if not isinstance(y, torch.Tensor) or y.shape[0] != noise.shape[0]:
+        raise ValueError(f"y must be a tensor of measurements with one row per frame ({noise.shape[0]}), got "
+                         f"{getattr(y, 'shape', type(y).__name__)}")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+    if guidance > 0:
+        if forward is None:
+            raise ValueError("guidance > 0 needs the forward flows (F-1, h, w, 2); pass forward= or set guidance=0")
+        f = noise.shape[0]
+        h, w = forward.shape[1:3]
+        if decode is None:
+            check_shape("forward", forward, (f - 1,) + tuple(noise.shape[-2:]) + (2,), "(latent flows j-1 -> j)")
+        else:
+            check_shape("forward", forward, (f - 1, None, None, 2), "(pixel flows j-1 -> j)")
+        if valid is not None:
+            check_shape("valid", valid, (f - 1, h, w), "(masks on frame j-1's grid)")
+
+
+def _step(denoiser, x, sigma, sigma_next, frames, cond, target, forward, valid, has_target, guidance, decode, correction):
+    """guided_update plus the solver's correction, computed on the same denoiser call: x_next - correction."""
+    stash = []
+
+    def wrapped(x_in, s, c):
+        denoised = denoiser(x_in, s, c)
+        if correction is not None:
+            stash.append(correction(x_in, denoised, s, frames))
+        return denoised
+
+    x_next, prediction = sampling.guided_update(wrapped, x, sigma, sigma_next, cond, target, forward, valid, has_target,
+                                                guidance, decode)
+    return (x_next - stash[0] if stash else x_next), prediction
+
+
+def run_sampler(
+    denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond=None, forward=None, valid=None, guidance: float = 0.0,
+    decode=None, correction=None, callback=None,
+) -> torch.Tensor:
+    """Euler (+ self-guidance, + a solver's correction) from x (F, C, h, w) at sigmas[0] to sigmas[-1].
+
+    guidance 0: all frames in one batch per step. guidance > 0: frame by frame, each step guided towards the
+    previous frame's prediction at the same step (ops.sampling's sequential schedule). correction(x_in, denoised,
+    sigma, frames) -> (B, C, h, w) is subtracted from every step's result.
+    """
+    f = x.shape[0]
+    sigmas = sigmas.to(x)
+    steps = len(sigmas) - 1
+    if guidance == 0:
+        frames = torch.arange(f, device=x.device)
+        h, w = x.shape[-2:]
+        fw, ok = x.new_zeros(f, h, w, 2), torch.zeros(f, h, w, dtype=torch.bool, device=x.device)
+        none = torch.zeros(f, dtype=torch.bool, device=x.device)
+        for k in range(steps):
+            x, _ = _step(denoiser, x, _sigma(sigmas[k], f, x), _sigma(sigmas[k + 1], f, x), frames, cond,
+                         torch.zeros_like(x), fw, ok, none, 0.0, None, correction)
+            if callback is not None:
+                callback({"step": k, "total": steps})
+        return x.detach()
+    h, w = forward.shape[1:3]
+    forward = forward.to(x)
+    if valid is None:
+        valid = torch.ones(f - 1, h, w, dtype=torch.bool, device=x.device)
+    channels = 3 if decode is not None else x.shape[1]
+    out, previous = [], None
+    for j in range(f):
+        xj, current = x[j : j + 1], []
+        frames = torch.tensor([j], device=x.device)
+        fw = forward[j - 1 : j] if j else forward.new_zeros(1, h, w, 2)
+        ok = valid[j - 1 : j] if j else torch.zeros(1, h, w, dtype=torch.bool, device=x.device)
+        cj = None if cond is None else cond[j : j + 1]
+        for k in range(steps):
+            target = previous[k] if previous is not None else x.new_zeros(1, channels, h, w)
+            xj, prediction = _step(denoiser, xj, _sigma(sigmas[k], 1, x), _sigma(sigmas[k + 1], 1, x), frames, cj, target,
+                                   fw, ok, torch.tensor([j > 0], device=x.device), guidance, decode, correction)
+            current.append(prediction)
+            if callback is not None:
+                callback({"frame": j, "step": k, "total": f * steps})
+        out.append(xj[0].detach())
+        previous = current
+    return torch.stack(out)
+
+
+def ode_sample(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, cond=None, checkpoint: bool = False) -> torch.Tensor:
+    """R(z): the deterministic Euler sampler from unit noise (F, C, h, w), differentiable w.r.t. the noise.
+
+    checkpoint=True recomputes each step's activations in the backward pass (memory ~ one step instead of all).
+    """
+    sigmas = sigmas.to(noise)
+    x = noise * sigmas[0]
+    for k in range(len(sigmas) - 1):
+        def step(x, k=k):
+            denoised = denoiser(x, _sigma(sigmas[k], x.shape[0], x), cond)
+            return sampling.euler_step(x, denoised, sigmas[k], sigmas[k + 1])
+        x = torch.utils.checkpoint.checkpoint(step, x, use_reentrant=False) if checkpoint and x.requires_grad else step(x)
+    return x
+
+
+# ---- DPS ----
+
+
+def dps_correction(y: torch.Tensor, operator: Measurement, zeta: float, history: list | None = None):
+    """The DPS measurement step zeta * (1 + sigma^2) * grad_x ||y - A(D(x))|| per frame (VP step in VE coordinates)."""
+    def correction(x_in, denoised, sigma, frames):
+        norms = residual_norms(y, operator, denoised, frames)  # (B,)
+        (grad,) = torch.autograd.grad(norms.sum(), x_in, retain_graph=True)
+        if history is not None:
+            history.append(float(norms.detach().mean()))
+        return zeta * (1 + sigma.detach() ** 2).view(-1, *([1] * (x_in.ndim - 1))) * grad
+    return correction
+
+
+def dps(
+    denoiser, noise: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor, operator: Measurement, zeta: float = 1.0,
+    cond=None, forward=None, valid=None, guidance: float = 0.0, decode=None, callback=None,
+) -> tuple[torch.Tensor, dict]:
+    """Diffusion posterior sampling with the Euler sampler -> (latents (F, C, h, w), {'residual': per step})."""
+    _check_common(noise, sigmas, y, guidance, forward, valid, decode)
+    check_positive("zeta", zeta)
+    history: list[float] = []
+    x = run_sampler(denoiser, noise * sigmas[0].to(noise), sigmas, cond, forward, valid, guidance, decode,
+                    dps_correction(y, operator, zeta, history), callback)
+    return x, {"residual": history}
+
+
+# ---- D-Flow / DMPlug ----
+
+
+def regularizer(kind: str, z: torch.Tensor) -> torch.Tensor:
+    """Prior penalty on the source, summed over rows of z.flatten(1) (frames, or channels of RFF weights).
+
+    'chi': -log chi_d(|z|) up to a constant = |z|^2 / 2 - (d - 1) log |z| (D-Flow), minimal at |z| = sqrt(d - 1);
+    'gaussian': |z|^2 / 2, the negative log-density of N(0, I).
+    """
+    check_choice("regularizer", kind, REGULARIZERS)
+    rows = z.flatten(1)
+    sq = rows.pow(2).sum(1)
+    if kind == "gaussian":
+        return sq.sum() / 2
+    d = rows.shape[1]
+    return (sq / 2 - (d - 1) / 2 * torch.log(sq)).sum()
+
+
+class _RFFNufft(torch.autograd.Function):
+    """z(p) = sqrt(2/J) sum_j w_j cos(<z_j, p> + b_j) by a type-3 NUFFT, and its adjoint for the gradient:
+    dL/dw_j = sqrt(2/J) Re(e^{i b_j} sum_p g(p) e^{i <z_j, p>}), another type-3 NUFFT (points -> frequencies)."""
+
+    @staticmethod
+    def forward(ctx, weights, features, points, tol):
+        ctx.features, ctx.points, ctx.tol = features, points, tol
+        feats = gp.RFFeatures(features.freqs, features.phases, weights.detach().cpu().double().numpy(), features.length_scale)
+        out = gp.rff_eval_nufft(feats, points, tol=tol)  # (C, N)
+        return torch.from_numpy(out).to(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import finufft
+
+        feats, pts = ctx.features, ctx.points
+        g = np.ascontiguousarray(grad.detach().cpu().double().numpy()).astype(np.complex128)  # (C, N)
+        vals = finufft.nufft2d3(pts[:, 0].copy(), pts[:, 1].copy(), g, feats.freqs[:, 0].copy(), feats.freqs[:, 1].copy(),
+                                eps=ctx.tol, isign=1)  # (C, J)
+        dw = math.sqrt(2.0 / feats.num_features) * np.real(np.exp(1j * feats.phases) * vals)
+        return torch.from_numpy(dw).to(grad), None, None, None
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """Noise of every frame as one GP's RFF sum at the frames' chained positions: z = basis @ w, linear in w.
+
+    Calling it with weights (C, J) gives the noise (F, C, h, w), differentiable in the weights. Backends: 'dense'
+    holds the cos matrix (F, h*w, J) (exact; memory F*h*w*J values, e.g. 8 frames of 32x32 latents with J = 3000:
+    98 MB in float32); 'nufft' evaluates it and its adjoint by type-3 NUFFTs (to `tol`, memory O(F*h*w + J)).
+    """
+
+    features: gp.RFFeatures
+    points: np.ndarray  # (F*h*w, 2) unit-square positions
+    shape: tuple[int, int, int, int]
+    backend: str = "dense"
+    tol: float = 1e-9
+    basis: torch.Tensor | None = None  # dense backend: (F, h*w, J)
+
+    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        f, c, h, w = self.shape
+        if self.basis is not None:
+            return (weights.to(self.basis) @ self.basis.transpose(1, 2)).view(f, c, h, w)  # (F, C, h*w) -> (F, C, h, w)
+        field = _RFFNufft.apply(weights, self.features, self.points, self.tol)  # (C, F*h*w)
+        return field.view(c, f, h, w).transpose(0, 1)
+
+
+def video_source(features: gp.RFFeatures, positions: torch.Tensor, dtype=torch.float32, backend: str = "dense",
+                 tol: float = 1e-9) -> tuple[VideoSource, torch.Tensor]:
+    """The video-level source of `features` at chained latent positions (F, h, w, 2) -> (source, initial weights (C, J)).
+
+    The initial weights are the draw's own, so source(w0) equals ops.gp.gp_noise_at at those positions.
+    """
+    check_choice("backend", backend, ("dense", "nufft"))
+    positions = torch.as_tensor(positions)
+    check_shape("positions", positions, (None, None, None, 2), "as (frames, h, w, xy) in latent pixels")
+    f, h, w, _ = positions.shape
+    points = gp.pixel_to_unit(positions.detach().cpu().double().numpy(), h, w).reshape(-1, 2)  # (F*h*w, 2)
+    basis = None
+    if backend == "dense":
+        arg = torch.from_numpy(points).view(f, h * w, 2) @ torch.from_numpy(features.freqs).T + torch.from_numpy(features.phases)
+        basis = (math.sqrt(2.0 / features.num_features) * torch.cos(arg)).to(dtype)  # (F, h*w, J)
+    source = VideoSource(features, points, (f, features.channels, h, w), backend, tol, basis)
+    return source, torch.from_numpy(features.weights).to(dtype)
+
+
+def _window_variance(window: list[torch.Tensor]) -> float:
+    stack = torch.stack(window)  # (W, F, C, h, w)
+    return float((stack - stack.mean(0)).pow(2).mean())
+
+
+def dflow(
+    denoiser, z: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor, operator: Measurement,
+    source: Callable[[torch.Tensor], torch.Tensor] | None = None, iterations: int = 20, optimizer: str = "lbfgs",
+    lr: float = 1.0, reg: str | None = None, reg_weight: float = 0.0, patience: int | None = None, window: int = 5,
+    cond=None, forward=None, valid=None, guidance: float = 0.0, decode=None, checkpoint: bool = False, callback=None,
+) -> tuple[torch.Tensor, dict]:
+    """Source-point optimisation: argmin_z ||y - A(R(source(z)))||^2 + reg_weight * reg(z), then R from the optimum.
+
+    z: the initial parameters, the noise (F, C, h, w) itself when source is None, or RFF weights (C, J) with a
+    `video_source`. patience: DMPlug's early stopping (None = run all iterations). Returns (latents,
+    {'loss', 'data', 'variance' per iteration, 'iterations' run, 'best' iteration, 'z' the optimised parameters}).
+    """
+    noise_of = source if source is not None else (lambda p: p)
+    with torch.no_grad():
+        noise0 = noise_of(z)
+    _check_common(noise0, sigmas, y, guidance, forward, valid, decode)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    if reg is not None:
+        check_choice("regularizer", reg, REGULARIZERS)
+    if not (isinstance(iterations, int) and iterations >= 1):
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    check_positive("lr", lr)
+    if patience is not None and not (isinstance(patience, int) and patience >= 1 and window >= 2):
+        raise ValueError(f"early stopping needs patience >= 1 and window >= 2, got patience={patience!r}, window={window!r}")
+    frames = torch.arange(noise0.shape[0], device=noise0.device)
+    params = z.detach().clone().requires_grad_(True)
+    opt = (torch.optim.LBFGS([params], lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe",
+                               tolerance_grad=1e-12, tolerance_change=1e-14)
+           if optimizer == "lbfgs" else torch.optim.Adam([params], lr=lr))
+    last = {}
+
+    def closure():
+        opt.zero_grad()
+        x0 = ode_sample(denoiser, noise_of(params), sigmas, cond, checkpoint)
+        data = (y - operator(x0, frames)).pow(2).sum()
+        loss = data + (reg_weight * regularizer(reg, params) if reg is not None and reg_weight else 0.0)
+        loss.backward()
+        last.update(loss=float(loss.detach()), data=float(data.detach()), x0=x0.detach())
+        return loss
+
+    history = {"loss": [], "data": [], "variance": []}
+    best = (math.inf, 0, params.detach().clone())
+    recent: list[torch.Tensor] = []
+    it = 0
+    for it in range(1, iterations + 1):
+        opt.step(closure)
+        history["loss"].append(last["loss"])
+        history["data"].append(last["data"])
+        if callback is not None:
+            callback({"iteration": it, "total": iterations, "loss": last["loss"], "data": last["data"]})
+        if patience is None:
+            continue
+        # DMPlug ES-WMV: running variance of the last `window` iterates; stop once it stalls for `patience` iterations.
+        recent = (recent + [last["x0"]])[-window:]
+        if len(recent) < window:
+            continue
+        var = _window_variance(recent)
+        history["variance"].append(var)
+        if var < best[0]:
+            best = (var, it, params.detach().clone())
+        elif it - best[1] >= patience:
+            break
+    z_opt = best[2] if patience is not None and best[1] > 0 else params.detach()
+    history.update(iterations=it, best=best[1] if patience is not None else it, z=z_opt)
+    with torch.no_grad():
+        noise = noise_of(z_opt)
+    x = run_sampler(denoiser, noise * sigmas[0].to(noise), sigmas, cond, forward, valid, guidance, decode)
+    return x, history
+
+
+# ---- VIPaint (simplified) ----
+
+
+def _gaussian_kl(mean_offset, log_std, prior_var) -> torch.Tensor:
+    """KL(N(mu_p + m, s^2) || N(mu_p, v)) summed over elements, s = exp(log_std)."""
+    var = torch.exp(2 * log_std)
+    return 0.5 * ((var + mean_offset.pow(2)) / prior_var - 1 - (2 * log_std - math.log(prior_var))).sum()
+
+
+def vipaint_posterior(
+    denoiser, noise: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor, operator: Measurement,
+    generator: torch.Generator, levels: tuple[int, ...] | None = None, iterations: int = 30, lr: float = 0.05,
+    noise_level: float = 0.05, sigma_data: float = 0.5, cond=None, callback=None,
+):
+    """Fit VIPaint's Gaussian hierarchy at sigmas[levels] by its ELBO -> (draw, fresh, levels, history).
+
+    levels: increasing indices into sigmas (default: 0, a quarter and half of the steps); q starts as the prior
+    and its reparameterisation noise comes from `generator`. noise_level = gamma, the measurement noise std.
+    draw(eps) maps K noises like `noise` (F, C, h, w) to a sample at sigmas[levels[-1]] and the summed KL;
+    fresh() draws one such noise from `generator`.
+    """
+    steps = len(sigmas) - 1
+    levels = tuple(levels) if levels is not None else tuple(sorted({0, steps // 4, steps // 2}))
+    if not levels or any(a >= b for a, b in zip(levels, levels[1:])) or levels[0] < 0 or levels[-1] >= steps:
+        raise ValueError(f"levels must be strictly increasing step indices in [0, {steps - 1}], got {levels!r}")
+    for name, value in (("noise_level", noise_level), ("sigma_data", sigma_data), ("lr", lr)):
+        check_positive(name, value)
+    if not (isinstance(iterations, int) and iterations >= 0):
+        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    s = [float(sigmas[i]) for i in levels]
+    frames = torch.arange(noise.shape[0], device=noise.device)
+    # 1. prior variances: top level N(0, s1^2 + sigma_data^2), transitions the ancestral step's variance.
+    prior_vars = [s[0] ** 2 + sigma_data**2] + [b**2 * (1 - (b / a) ** 2) for a, b in zip(s, s[1:])]
+    means = [torch.zeros_like(noise, requires_grad=True) for _ in s]  # offsets from the prior means
+    log_stds = [torch.full_like(noise, 0.5 * math.log(v), requires_grad=True) for v in prior_vars]
+    # 2. likelihood variance: gamma^2 plus Var[x0 | x_sK] of Gaussian data with std sigma_data (PiGDM's
+    #    approximation), so the one-step prediction D(x_sK) is not trusted more than it deserves at high noise.
+    like_var = noise_level**2 + sigma_data**2 * s[-1] ** 2 / (sigma_data**2 + s[-1] ** 2)
+
+    def fresh():
+        return torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=generator.device).to(noise)
+
+    def draw(eps):
+        """x at s_K from q by reparameterisation with eps[i] per level, and the sum of KLs -> ((F, C, h, w), scalar)."""
+        x = means[0] + torch.exp(log_stds[0]) * eps[0]
+        kl = _gaussian_kl(means[0], log_stds[0], prior_vars[0])
+        for i in range(1, len(s)):
+            x0 = denoiser(x, _sigma(s[i - 1], x.shape[0], x), cond)
+            prior_mean = x0 + (s[i] / s[i - 1]) ** 2 * (x - x0)  # ancestral step s_{i-1} -> s_i given x0
+            x = prior_mean + means[i] + torch.exp(log_stds[i]) * eps[i]
+            kl = kl + _gaussian_kl(means[i], log_stds[i], prior_vars[i])
+        return x, kl
+
+    opt = torch.optim.Adam(means + log_stds, lr=lr)
+    history = {"loss": [], "data": [], "kl": []}
+    for it in range(iterations):
+        opt.zero_grad()
+        with torch.enable_grad():
+            x, kl = draw([fresh() for _ in s])
+            x0 = denoiser(x, _sigma(s[-1], x.shape[0], x), cond)
+            data = (y - operator(x0, frames)).pow(2).sum() / (2 * like_var)
+            loss = data + kl
+            loss.backward()
+        opt.step()
+        for key, value in (("loss", loss), ("data", data), ("kl", kl)):
+            history[key].append(float(value.detach()))
+        if callback is not None:
+            callback({"iteration": it + 1, "total": iterations, "loss": history["loss"][-1]})
+    return draw, fresh, levels, history
+
+
+def vipaint(
+    denoiser, noise: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor, operator: Measurement,
+    generator: torch.Generator, levels: tuple[int, ...] | None = None, iterations: int = 30, lr: float = 0.05,
+    noise_level: float = 0.05, sigma_data: float = 0.5, zeta: float = 1.0, level_noise: torch.Tensor | None = None,
+    cond=None, forward=None, valid=None, guidance: float = 0.0, decode=None, callback=None,
+) -> tuple[torch.Tensor, dict]:
+    """Hierarchical Gaussian posteriors at sigmas[levels], fitted by the ELBO (`vipaint_posterior`), then DPS to the end.
+
+    The final draw uses `noise` (F, C, h, w) for the top level and `level_noise` (K-1, F, C, h, w) for the
+    transitions (pass warped noise for temporally consistent draws; None draws them from `generator`), so every
+    noise-warping method applies. Returns (latents, {'loss', 'data', 'kl' per iteration, 'residual' per DPS step}).
+    """
+    _check_common(noise, sigmas, y, guidance, forward, valid, decode)
+    check_positive("zeta", zeta)
+    draw, fresh, levels, history = vipaint_posterior(denoiser, noise, sigmas, y, operator, generator, levels, iterations,
+                                                     lr, noise_level, sigma_data, cond, callback)
+    if level_noise is not None:
+        check_shape("level_noise", level_noise, (len(levels) - 1,) + tuple(noise.shape), "(one noise per transition)")
+    with torch.no_grad():
+        eps = [noise] + (list(level_noise.to(noise)) if level_noise is not None else [fresh() for _ in levels[1:]])
+        x, _ = draw(eps)
+    residual: list[float] = []
+    x = run_sampler(denoiser, x.detach(), sigmas[levels[-1]:], cond, forward, valid, guidance, decode,
+                    dps_correction(y, operator, zeta, residual))
+    history["residual"] = residual
+    return x, history
+
+
+# ---- one entry point ----
+
+# DMPlug = D-Flow's source optimisation with Adam and ES-WMV early stopping (our defaults, not the paper's tuning).
+DMPLUG_DEFAULTS = {"optimizer": "adam", "lr": 0.01, "patience": 10, "window": 5}
+
+
+def solve(name: str, denoiser, noise: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor, operator: Measurement,
+          generator: torch.Generator | None = None, **params) -> tuple[torch.Tensor, dict]:
+    """Run solver `name` (one of SOLVERS) with its own keyword parameters -> (latents (F, C, h, w), history).
+
+    For dflow / dmplug `noise` is the initial source parameter (the noise itself, or RFF weights with source=).
+    """
+    check_choice("solver", name, SOLVERS)
+    if name == "dps":
+        return dps(denoiser, noise, sigmas, y, operator, **params)
+    if name in ("dflow", "dmplug"):
+        return dflow(denoiser, noise, sigmas, y, operator, **({**DMPLUG_DEFAULTS, **params} if name == "dmplug" else params))
+    if generator is None:
+        raise ValueError("solver 'vipaint' draws from its posterior: pass generator=torch.Generator().manual_seed(seed)")
+    return vipaint(denoiser, noise, sigmas, y, operator, generator, **params)
