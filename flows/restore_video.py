@@ -103,10 +103,10 @@ def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
         if pool is not None:
             return StageRecord(**pool.sample(request, progress=progress))
         if cfg.executor == "inline":
-            worker = sample_stage.SamplerWorker(cfg.model_name)
+            worker = sample_stage.SamplerWorker(cfg.model_name, device=cfg.device, dtype=cfg.dtype)
             worker._external_callback = progress
             return StageRecord(**worker.sample(**request))
-        with sample_stage.SamplerPool(cfg.model_name, size=1) as ray_pool:
+        with sample_stage.SamplerPool(cfg.model_name, size=1, device=cfg.device, dtype=cfg.dtype) as ray_pool:
             return StageRecord(**ray_pool.sample(request, progress=progress))
     finally:
         progress.close()
@@ -129,15 +129,15 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
     k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident)
     records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask)
-    # 3. flow
-    k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend)
-    records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
-    # 4-5. conditioning latents and initial noise
-    model = model_info(cfg.model_name)  # from the card: a fully cached run never loads the network
+    # 3. flow (latent flows at the model's latent factor)
+    model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
     if model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    k_enc = encode_stage.encode_key(k_prep, cfg.model_name)
-    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name)
+    k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend, model["factor"])
+    records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend, model["factor"])
+    # 4-5. conditioning latents and initial noise
+    k_enc = encode_stage.encode_key(k_prep, cfg.model_name, cfg.dtype)
+    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name, cfg.device, cfg.dtype)
     base = model["noise"] if model["noise"] in ("gp", "white") else "white"
     channels = model["latent_channels"]
     k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
@@ -145,17 +145,17 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     # 6. sampling (the expensive stage)
     space = resolve_guidance_space(cfg.guidance_space, model)
     k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
-                                       space)
+                                       space, cfg.text, cfg.dtype)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
-                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space)
+                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space, text=cfg.text)
     if store.exists("sample", k_sample):
         records["sample"] = StageRecord("sample", k_sample, True)
     else:
         logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
         records["sample"] = run_sampling(cfg, request, pool)
     # 7. decode
-    k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name)
-    records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name)
+    k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name, cfg.dtype)
+    records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name, cfg.device, cfg.dtype)
 
     # 8. metrics and outputs
     t_out = time.perf_counter()

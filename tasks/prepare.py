@@ -3,6 +3,7 @@ the ground truth. Frame sizes are padded (reflect) to multiples of the latent fa
 
 sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
+sr4: the same with 4 (the x4 upscaler layout; its encode stage conditions on `input`, the low-res frame)
 inpaint, restore:   input + mask URL (white = hole) -> cond = input with holes, mask
 inpaint, benchmark: input = ground truth           -> masks generated from the seed, cond = masked truth, truth
 """
@@ -19,6 +20,7 @@ from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
 FACTOR = 8
+SR_FACTORS = {"sr8": 8, "sr4": 4}  # super-resolution tasks: output size / input size
 
 
 def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None) -> str:
@@ -64,16 +66,17 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
     frames = extracted["frames"].values  # (F, H, W, 3) uint8
     f, h, w, _ = frames.shape
     data, attrs = {}, {"task": task_name, "mode": mode}
-    if task_name == "sr8":
+    if task_name in SR_FACTORS:
+        scale = SR_FACTORS[task_name]
         if mode == "benchmark":
             truth, (ph, pw) = pad_to_multiple(frames, FACTOR)
-            low = degrade.downsample(_to_float(truth), FACTOR)  # (F, 3, H/8, W/8)
+            low = degrade.downsample(_to_float(truth), scale)  # (F, 3, H/s, W/s)
             data["truth"] = (("frame", "y", "x", "rgb"), truth)
             attrs.update(height=h, width=w)
         else:
             low = _to_float(frames)
-            attrs.update(height=h * FACTOR, width=w * FACTOR)
-        cond = degrade.upsample(low, FACTOR)  # (F, 3, H, W)
+            attrs.update(height=h * scale, width=w * scale)
+        cond = degrade.upsample(low, scale)  # (F, 3, H, W)
         data["input"] = (("frame", "ly", "lx", "rgb"), _to_uint8(low))
         data["cond"] = (("frame", "y", "x", "rgb"), _to_uint8(cond))
     else:

@@ -19,8 +19,12 @@ from tasks.models import get_model, model_identity
 
 
 def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guidance: float, max_batch,
-               guidance_space: str = "latent") -> str:
+               guidance_space: str = "latent", text: dict | None = None, dtype: str = "float32") -> str:
     params = {"model": model_identity(model), "steps": steps, "guidance": guidance, "schedule": "wavefront"}
+    if text:  # prompt, negative prompt, cfg scale (text-conditioned checkpoints)
+        params["text"] = text
+    if dtype != "float32":
+        params["dtype"] = dtype
     if guidance > 0 and guidance_space != "latent":  # unguided samples are the same in either space
         params["guidance_space"] = guidance_space
     return stage_key("sample", params, {"generate_noise": noise, "encode": encode, "estimate_flow": flow})
@@ -29,12 +33,14 @@ def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guida
 class SamplerWorker:
     """Loads the model once; `sample` reads noise/conditioning/flows from the store and writes clean latents."""
 
-    def __init__(self, model_name: str, threads: int | None = None, device: str | None = None):
+    def __init__(self, model_name: str, threads: int | None = None, device: str | None = None, dtype: str = "float32"):
+        from storage.models import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device or "auto")
         self.model_name = model_name
-        self.model = get_model(model_name, self.device)
+        self.model = get_model(model_name, self.device, dtype)
         self._progress = {"tick": 0, "total_ticks": 0}
         self._lock = threading.Lock()
 
@@ -50,7 +56,7 @@ class SamplerWorker:
             external(self._progress)
 
     def sample(self, work_root: str, storage_options: dict, key: str, noise: str, encode: str, flow: str, steps: int,
-               guidance: float, max_batch=None, guidance_space: str = "latent") -> dict:
+               guidance: float, max_batch=None, guidance_space: str = "latent", text: dict | None = None) -> dict:
         """guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
         latent predictions warped by the latent flow, as the paper)."""
         if guidance_space not in ("pixel", "latent"):
@@ -66,11 +72,12 @@ class SamplerWorker:
             fwd = torch.from_numpy(flows[prefix + "forward"].values).to(self.device)  # (F-1, H, W, 2) or (F-1, h, w, 2)
             valid = torch.from_numpy(flows[prefix + "valid"].values).to(self.device)
             decoding = dict(decode=self.model.decode, decoded_size=tuple(fwd.shape[1:3])) if pixel else {}
-            sigmas = sampling.karras_sigmas(steps, float(self.model.sigma_min), float(self.model.sigma_max))
+            sigmas = self.model.sigmas(steps)  # Karras, or the checkpoint scheduler's timesteps in VE form
+            denoise = self.model.text_denoiser(**(text or {}))  # the encoded prompt (+ CFG) for SD layouts
             schedule = "wavefront" if guidance > 0 else "parallel"
             start = time.perf_counter()
             latents = sampling.sample_video(
-                self.model.denoise, x, sigmas, cond, fwd, valid, guidance=guidance, schedule=schedule,
+                denoise, x, sigmas, cond, fwd, valid, guidance=guidance, schedule=schedule,
                 max_batch=max_batch, callback=self._callback if schedule == "wavefront" else None, **decoding,
             )
             seconds = time.perf_counter() - start
@@ -89,7 +96,8 @@ class SamplerPool:
     otherwise pin actors to OMP_NUM_THREADS=1).
     """
 
-    def __init__(self, model_name: str, size: int = 1, threads: int | None = None, work_root: str | None = None):
+    def __init__(self, model_name: str, size: int = 1, threads: int | None = None, work_root: str | None = None,
+                 device: str = "auto", dtype: str = "float32"):
         import os
 
         import ray
@@ -97,11 +105,13 @@ class SamplerPool:
         from infra.ray_pool import ensure_ray
 
         ensure_ray()
-        cuda = torch.cuda.is_available()
+        # CUDA from the cluster's resources (a GPU worker node), not from what the driver process sees
+        cuda = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         threads = threads or max(1, (os.cpu_count() or 1) // size)
         options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": threads}
         actor_cls = ray.remote(SamplerWorker).options(max_concurrency=2, **options)
-        self.actors = [actor_cls.remote(model_name, None if cuda else threads) for _ in range(size)]
+        actor_device = "cuda" if cuda else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: the actor's GPU is its cuda:0
+        self.actors = [actor_cls.remote(model_name, None if cuda else threads, actor_device, dtype) for _ in range(size)]
         self._free = list(range(size))
         self._lock = threading.Lock()
 
