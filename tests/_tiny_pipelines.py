@@ -25,21 +25,16 @@ def _stray_pickle(sub: Path) -> None:
 
 
 def save_tokenizer(directory: Path) -> None:
+    """A CLIP BPE tokenizer over single letters (vocabulary written here, no merges), padded to TOKENS."""
     from transformers import CLIPTokenizer
 
-    tmp = directory.parent / (directory.name + "-src")
-    tmp.mkdir(parents=True, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in letters:
         vocab[c] = len(vocab)
     for c in letters:
         vocab[c + "</w>"] = len(vocab)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab_file=str(tmp / "vocab.json"), merges_file=str(tmp / "merges.txt"), model_max_length=TOKENS,
-                        pad_token="<|endoftext|>")
-    tok.save_pretrained(directory)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TOKENS).save_pretrained(directory)
 
 
 def save_text_encoder(directory: Path, projection: bool = False, seed: int = 0) -> None:
