@@ -228,11 +228,17 @@ def restore_video(
     work_root: str | None = None,
     executor: str = "ray",
     max_batch: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    prompt: str = "",
+    negative_prompt: str = "",
+    cfg: float = 1.0,
 ) -> dict:
     """Restore one video (default: the embedded sample clip, 8x super-resolution benchmark)."""
     params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
                   guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
-                  executor=executor, max_batch=max_batch)
+                  executor=executor, max_batch=max_batch, device=device, dtype=dtype, prompt=prompt,
+                  negative_prompt=negative_prompt, cfg=cfg)
     if work_root:
         params["work_root"] = work_root
     return restore(RestoreConfig(**params))

@@ -136,7 +136,7 @@ def load_own(directory, device="cpu", dtype="float32") -> RestorationModel:
     model = build_model(card, model_id=card.get("name", d.name))
     model.load_state_dict(load_file(str(d / WEIGHTS), device="cpu"))
     model = model.to(resolve_device(device)).eval()
-    if model.denoiser is not None:
+    if model.denoiser is not None and torch_dtype_of(dtype) != torch.float32:
         model.denoiser.unet.to(torch_dtype_of(dtype))  # the linear PCA autoencoder stays float32
     return model
 
