@@ -7,8 +7,10 @@
 * `VPDenoiser`: a diffusers UNet2DModel / UNet2DConditionModel trained as a discrete VP model (epsilon or
   v prediction) with its scheduler's alphas_cumprod, run in VE form as k-diffusion's `external.py` does:
   x_vp = x sqrt(abar) = x / sqrt(1 + s^2), s = sqrt((1 - abar)/abar), timestep = interpolation of the
-  s -> t table in log s. Channel-concatenation conditioning; optional prompt embeddings.
+  s -> t table in log s. Channel-concatenation conditioning; the encoded prompt (SD cross-attention, SDXL's
+  added text embeddings and time ids) and class labels (the x4 upscaler's noise level) when the UNet takes them.
 * `DiffusersAutoencoder`: AutoencoderKL / AutoencoderTiny with its scaling (and shift) factor, images in [0, 1].
+* `LowResAugment`: the x4 upscaler's noise augmentation of its low-res conditioning image.
 
 Every denoiser treats batch elements independently and is differentiable w.r.t. x.
 """
