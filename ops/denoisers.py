@@ -333,12 +333,13 @@ class RestorationModel(nn.Module):
             return self.denoise
         pos = self.encode_prompt(prompt)
         if cfg == 1.0:
-            return lambda x, sigma, cond=None: self.denoise(x, sigma, cond, text=pos)
+            return lambda x, sigma, cond=None: self.denoise(x, sigma, cond, text=self._sized(pos, x))
         neg = self.encode_prompt(negative_prompt)
 
         def guided(x, sigma, cond=None):
             b = x.shape[0]
-            text = {k: torch.cat([neg[k].expand(b, *neg[k].shape[1:]), pos[k].expand(b, *pos[k].shape[1:])]) for k in pos}
+            p, n = self._sized(pos, x), self._sized(neg, x)
+            text = {k: torch.cat([n[k].expand(b, *n[k].shape[1:]), p[k].expand(b, *p[k].shape[1:])]) for k in p}
             sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(b)
             both = self.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                 None if cond is None else torch.cat([cond, cond]), text=text)  # (2B, C, h, w)
@@ -346,6 +347,13 @@ class RestorationModel(nn.Module):
             return uncond + cfg * (c - uncond)
 
         return guided
+
+    def _sized(self, text: dict, x: torch.Tensor) -> dict:
+        """SDXL's time ids are the frame's own size: (H, W, crop 0, 0, H, W) with H, W = latent size * factor."""
+        if "time_ids" not in text:
+            return text
+        h, w = x.shape[-2] * self.factor, x.shape[-1] * self.factor
+        return {**text, "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device)}  # (1, 6)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode(images)

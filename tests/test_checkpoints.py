@@ -167,6 +167,10 @@ def test_sdxl_added_text_embeddings_and_time_ids(snapshots):
     assert not torch.allclose(a, b)  # the added embeddings reach the UNet
     with pytest.raises(ValueError, match="pooled prompt embedding"):
         m.denoise(x, torch.tensor([1.0, 1.0]), cond, text={"hidden": text["hidden"]})
+    assert m._sized(text, x)["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]  # the frame's own size (8x8 latent)
+    with torch.no_grad():
+        c = m.text_denoiser("a cat")(x, torch.tensor([1.0, 1.0]), cond)
+    assert not torch.allclose(a, c)  # time ids of a 64x64 frame, not the 1024x1024 default
 
 
 def test_upscaler_conditions_on_the_noised_low_res_image_at_latent_size(snapshots):
