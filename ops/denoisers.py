@@ -349,11 +349,18 @@ class RestorationModel(nn.Module):
         return guided
 
     def _sized(self, text: dict, x: torch.Tensor) -> dict:
-        """SDXL's time ids are the frame's own size: (H, W, crop 0, 0, H, W) with H, W = latent size * factor."""
+        """SDXL's time ids are the frame's own size: (H, W, crop 0, 0, H, W) with H, W = latent size * factor; a UNet
+        trained with the aesthetic score (5 ids, the refiner-style `requires_aesthetics_score`) gets (H, W, 0, 0, 6)."""
         if "time_ids" not in text:
             return text
         h, w = x.shape[-2] * self.factor, x.shape[-1] * self.factor
-        return {**text, "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=x.device)}  # (1, 6)
+        ids = [h, w, 0, 0, h, w]
+        cfg = self.denoiser.unet.config
+        per_id = cfg.get("addition_time_embed_dim") or 0
+        if per_id and cfg.get("projection_class_embeddings_input_dim"):
+            if (cfg["projection_class_embeddings_input_dim"] - text["pooled"].shape[-1]) // per_id == 5:
+                ids = [h, w, 0, 0, 6.0]  # diffusers' default aesthetic_score
+        return {**text, "time_ids": torch.tensor([ids], dtype=torch.float32, device=x.device)}  # (1, 6) or (1, 5)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode(images)
