@@ -20,7 +20,7 @@ def _env_defaults() -> None:
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="sr8", help="sr8 | inpaint")
+    p.add_argument("--task", default="sr8", help="sr8 | sr4 (x4 upscaler checkpoints) | inpaint")
     p.add_argument("--method", default="warped-diffusion", help=" | ".join(METHODS))
     p.add_argument("--mode", default="restore", help="restore (input is degraded) | benchmark (input is ground truth)")
     p.add_argument("--mask", default=None, help="inpaint: mask image/video URL, white = hole")
@@ -39,13 +39,19 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=None, help="latent tile edge in latent pixels (default: from the memory estimate)")
     p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
                    help=f"largest output frame in pixels (default {DEFAULT_MAX_OUTPUT_PIXELS} = 3840x2160)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument("--prompt", default="", help="text prompt (Stable Diffusion checkpoints)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (with --cfg)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
 
 
 def _restore_params(args) -> dict:
     params = dict(task=args.task, method=args.method, mode=args.mode, mask=args.mask, frames=args.frames, steps=args.steps,
                   guidance=args.guidance, guidance_space=args.guidance_space, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
                   executor=args.executor, max_batch=args.max_batch, window=args.window, tile=args.tile,
-                  max_output_pixels=args.max_output_pixels)
+                  max_output_pixels=args.max_output_pixels,
+                  device=args.device, dtype=args.dtype, prompt=args.prompt, negative_prompt=args.negative_prompt, cfg=args.cfg)
     if args.work_root:
         params["work_root"] = args.work_root
     return params

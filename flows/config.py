@@ -10,7 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 METHODS = ("warped-diffusion", "gp", "fixed", "resample", "nearest", "bilinear", "integral")
-TASKS = ("sr8", "inpaint")
+TASKS = ("sr8", "sr4", "inpaint")
+DTYPES = ("float32", "float16", "bfloat16")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MAX_OUTPUT_PIXELS = 3840 * 2160  # 4K UHD per frame: larger targets are refused unless asked for
 DEFAULT_WORK_ROOT = os.environ.get("RESTORE_VIDEO_WORK_ROOT", str(PROJECT_ROOT / "work"))
@@ -27,7 +28,7 @@ class RestoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="video URL: local path or any fsspec URL (s3://, file://, ...)")
-    task: Literal["sr8", "inpaint"] = "sr8"
+    task: Literal["sr8", "sr4", "inpaint"] = "sr8"
     mode: Literal["restore", "benchmark"] = Field(
         "restore", description="restore: the input is the degraded video; benchmark: the input is ground truth, degraded first"
     )
@@ -54,6 +55,18 @@ class RestoreConfig(BaseModel):
     max_output_pixels: int = Field(DEFAULT_MAX_OUTPUT_PIXELS, ge=1, description="largest output frame (width x height) "
                                    "preflight accepts; raise it to restore larger targets on purpose")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N: where encode, sample and decode run")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/activations of the networks")
+    prompt: str = Field("", description="text prompt (Stable Diffusion layouts); the empty prompt is encoded too")
+    negative_prompt: str = Field("", description="negative prompt for classifier-free guidance (--cfg != 1)")
+    cfg: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance scale (1 = the prompt alone)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
+            return value
+        raise ValueError(f"unknown device {value!r}; expected auto, cpu, cuda or cuda:N")
 
     @field_validator("method")
     @classmethod
@@ -87,8 +100,11 @@ class RestoreConfig(BaseModel):
         if self.task == "inpaint" and self.mode == "restore" and not self.mask:
             raise ValueError("task 'inpaint' in restore mode needs --mask (an image or video URL, white = hole); "
                              "or use --mode benchmark to generate masks")
-        if self.task == "sr8" and self.mask:
+        if self.task != "inpaint" and self.mask:
             raise ValueError("--mask is only used by task 'inpaint'")
+        if self.task == "sr4" and not self.model:
+            raise ValueError("task 'sr4' needs --model: a Stable Diffusion x4 upscaler directory (unet/, vae/, "
+                             "scheduler/, text_encoder/, tokenizer/, low_res_scheduler/); no embedded model does x4")
         return self
 
     @property
@@ -101,6 +117,13 @@ class RestoreConfig(BaseModel):
     @property
     def model_name(self) -> str:
         return self.model or {"sr8": "sr8-gp", "inpaint": "inpaint-gp"}[self.task]
+
+    @property
+    def text(self) -> dict | None:
+        """Prompt settings for text-conditioned models (None when left at their defaults)."""
+        if not self.prompt and not self.negative_prompt and self.cfg == 1.0:
+            return None
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "cfg": self.cfg}
 
     @property
     def noise_method(self) -> str:

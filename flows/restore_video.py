@@ -105,10 +105,10 @@ def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
         if pool is not None:
             return StageRecord(**pool.sample(request, progress=progress))
         if cfg.executor == "inline":
-            worker = sample_stage.SamplerWorker(cfg.model_name)
+            worker = sample_stage.SamplerWorker(cfg.model_name, device=cfg.device, dtype=cfg.dtype)
             worker._external_callback = progress
             return StageRecord(**worker.sample(**request))
-        with sample_stage.SamplerPool(cfg.model_name, size=1) as ray_pool:
+        with sample_stage.SamplerPool(cfg.model_name, size=1, device=cfg.device, dtype=cfg.dtype) as ray_pool:
             return StageRecord(**ray_pool.sample(request, progress=progress))
     finally:
         progress.close()
@@ -136,15 +136,15 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident, multiple)
     records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask,
                                                multiple)
-    # 3. flow
-    k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend)
-    records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
-    # 4-5. conditioning latents and initial noise
-    model = model_info(cfg.model_name)  # from the card: a fully cached run never loads the network
+    # 3. flow (latent flows at the model's latent factor)
+    model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
     if model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    k_enc = encode_stage.encode_key(k_prep, cfg.model_name)
-    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name)
+    k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend, model["factor"])
+    records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend, model["factor"])
+    # 4-5. conditioning latents and initial noise
+    k_enc = encode_stage.encode_key(k_prep, cfg.model_name, cfg.dtype)
+    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name, cfg.device, cfg.dtype)
     base = model["noise"] if model["noise"] in ("gp", "white") else "white"
     channels = model["latent_channels"]
     k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
@@ -152,9 +152,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     # 6. sampling (the expensive stage)
     space = resolve_guidance_space(cfg.guidance_space, model)
     k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
-                                       space, tile=plan.tile)
+                                       space, cfg.text, cfg.dtype, tile=plan.tile)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
-                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space)
+                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space, text=cfg.text)
     # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
     if plan.window < plan.frames:
         request["window"] = plan.window
@@ -166,8 +166,8 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
         records["sample"] = run_sampling(cfg, request, pool)
     # 7. decode
-    k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name)
-    records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name)
+    k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name, cfg.dtype)
+    records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name, cfg.device, cfg.dtype)
 
     # 8. metrics and outputs
     t_out = time.perf_counter()
@@ -246,12 +246,18 @@ def restore_video(
     window: int | None = None,
     tile: int | None = None,
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+    device: str = "auto",
+    dtype: str = "float32",
+    prompt: str = "",
+    negative_prompt: str = "",
+    cfg: float = 1.0,
 ) -> dict:
     """Restore one video: the input is the degraded clip (mode 'restore'; 'benchmark' degrades a ground truth
     first). Default input: the embedded sample clip."""
     params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
                   guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
-                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels)
+                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels,
+                  device=device, dtype=dtype, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg)
     if work_root:
         params["work_root"] = work_root
     return restore(RestoreConfig(**params))

@@ -5,10 +5,13 @@ and the scikit-image pictures the embedded models are trained on.
   * a name resolves to `assets/models/<name>/` (`model.safetensors` + `card.json`, written by `save_model`);
   * a directory with `card.json` is one of ours; a directory with a `unet/` (UNet2DModel or
     UNet2DConditionModel), a `vae/` (AutoencoderKL / AutoencoderTiny) and `scheduler/scheduler_config.json`
-    is a diffusers model (epsilon or v prediction), wrapped as a VE denoiser with channel-concat conditioning
-    (task from the UNet's input channels: C + C -> sr8, C + 1 + C -> inpaint; or `restoration.json`
-    {"task": ..., "noise": ...} in the directory).
-Safetensors only: pickle checkpoints (.bin/.pt/.pth/.ckpt/.pkl) are refused with a ValueError.
+    is a diffusers model, wrapped as a VE denoiser. Its layout is detected (`detect_layout`; restoration.json
+    {"layout", "task", "noise", ...} overrides): the paper's channel concat (C + C -> sr8, C + 1 + C ->
+    inpaint), Stable Diffusion inpainting (9 channels + text encoder), the x4 upscaler (task sr4, low-res
+    image at latent size, noise_level class labels, VAE factor 4), SDXL inpainting (added text embeddings and
+    time ids). Beta schedule, prediction type and timestep spacing come from the directory's scheduler.
+Safetensors only: a pickle (.bin/.pt/.pth/.ckpt/.pkl) that would be loaded is refused with a ValueError naming
+it; pickles beside safetensors weights are never read and do not stop the load.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from ops.autoencoders import PCAAutoencoder
-from ops.denoisers import DiffusersAutoencoder, EDMDenoiser, RestorationModel, VPDenoiser, build_unet
+from ops.denoisers import DiffusersAutoencoder, EDMDenoiser, LowResAugment, RestorationModel, VPDenoiser, build_unet
 
 MODELS_ROOT = Path(__file__).resolve().parent.parent / "assets" / "models"
 DEFAULT_MODELS = {"sr8": "sr8-gp", "inpaint": "inpaint-gp"}
@@ -70,13 +73,12 @@ def eval_views(names=HELDOUT_IMAGES, size: int = 256) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- our models
-def _refuse_pickles(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        if f.suffix.lower() in PICKLE_SUFFIXES:
-            raise ValueError(f"refusing to load pickle checkpoint {f}: only safetensors are loaded. Convert it "
-                             f"to safetensors first (e.g. `safetensors.torch.save_file(torch.load(...), "
-                             f"'{f.with_suffix('.safetensors').name}')` on a trusted machine).")
+def _refuse_pickle_file(f: Path) -> None:
+    """A pickle checkpoint passed as the model itself is refused (loading a pickle can run code)."""
+    if f.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"refusing to load pickle checkpoint {f}: only safetensors are loaded. Convert it "
+                         f"to safetensors first (e.g. `safetensors.torch.save_file(torch.load(...), "
+                         f"'{f.with_suffix('.safetensors').name}')` on a trusted machine).")
 
 
 def autoencoder_from_config(cfg: dict) -> PCAAutoencoder:
@@ -120,31 +122,148 @@ def save_model(model: RestorationModel, directory, card: dict) -> Path:
     return d
 
 
-def load_own(directory, device="cpu") -> RestorationModel:
+def load_own(directory, device="cpu", dtype="float32") -> RestorationModel:
+    """Only model.safetensors and card.json are read (other files beside them are ignored)."""
     from safetensors.torch import load_file
 
     d = Path(directory)
-    _refuse_pickles(d)
     card = json.loads((d / CARD).read_text())
     if not (d / WEIGHTS).exists():
+        pickles = sorted(f for f in d.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            _refuse_pickle_file(pickles[0])
         raise ValueError(f"{d} has a card.json but no {WEIGHTS}")
     model = build_model(card, model_id=card.get("name", d.name))
     model.load_state_dict(load_file(str(d / WEIGHTS), device="cpu"))
-    return model.to(device).eval()
+    model = model.to(resolve_device(device)).eval()
+    if model.denoiser is not None and torch_dtype_of(dtype) != torch.float32:
+        model.denoiser.unet.to(torch_dtype_of(dtype))  # the linear PCA autoencoder stays float32
+    return model
 
 
 # ---------------------------------------------------------------- diffusers directories
+LAYOUTS = ("concat", "sd-inpaint", "sd-upscale", "sdxl-inpaint")
+LAYOUT_TASKS = {"sd-inpaint": "inpaint", "sd-upscale": "sr4", "sdxl-inpaint": "inpaint"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MEMORY_DEFAULTS = {"vae_slicing": True, "vae_tiling": False, "attention_slicing": False,
+                   "gradient_checkpointing": False, "text_encoder_offload": True}
+
+
 def _diffusers_class(sub: Path) -> str:
     return json.loads((sub / "config.json").read_text()).get("_class_name", "")
 
 
+def loaded_weights(sub: Path) -> list[Path]:
+    """The weights files `from_pretrained(sub, use_safetensors=True)` reads: its .safetensors (or the shards an
+    index names). A component with only pickle weights is refused naming the file; pickles beside safetensors
+    are never read, so they are ignored."""
+    index = sorted(sub.glob("*.safetensors.index.json"))
+    if index:
+        shards = sorted(set(json.loads(index[0].read_text()).get("weight_map", {}).values()))
+        return [sub / s for s in shards]
+    files = sorted(sub.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(f for f in sub.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"refusing to load pickle checkpoint {pickles[0]}: {sub.name}/ has no .safetensors weights "
+                         f"and pickles can run code when loaded; only safetensors are loaded. Convert it first "
+                         f"(`diffusers`/`transformers` save_pretrained(..., safe_serialization=True) on a trusted machine).")
+    raise ValueError(f"{sub} has no weights (*.safetensors)")
+
+
+def detect_layout(d: Path, unet_cfg: dict, latent_channels: int, meta: dict) -> str:
+    """Which conditioning a diffusers directory uses; restoration.json {"layout": ...} overrides.
+
+    sdxl-inpaint: UNet with addition_embed_type 'text_time' (added text embeddings + time ids), 2C+1 channels;
+    sd-upscale: class-embedded UNet (noise_level) taking C + 3 channels (latent + the low-res RGB image);
+    sd-inpaint: cross-attention UNet with text_encoder/, 2C+1 channels (latent, mask, masked-image latent);
+    concat: everything else (the paper's: latent + encoded degraded frame [+ mask]).
+    """
+    if meta.get("layout") is not None:
+        if meta["layout"] not in LAYOUTS:
+            raise ValueError(f"{d / 'restoration.json'}: layout {meta['layout']!r} is not one of {', '.join(LAYOUTS)}")
+        return meta["layout"]
+    cin, c = int(unet_cfg.get("in_channels", 0)), latent_channels
+    if unet_cfg.get("addition_embed_type") == "text_time" and cin == 2 * c + 1:
+        return "sdxl-inpaint"
+    if unet_cfg.get("num_class_embeds") and cin == c + 3:
+        return "sd-upscale"
+    if unet_cfg.get("cross_attention_dim") and (d / "text_encoder").is_dir() and cin == 2 * c + 1:
+        return "sd-inpaint"
+    return "concat"
+
+
+def scheduler_schedule(scheduler_dir: Path, denoiser: VPDenoiser):
+    """steps -> (steps + 1,) float64 VE sigmas at the timesteps the directory's own scheduler would visit
+    (its class, beta schedule, timestep_spacing and steps_offset), then 0 (the final, fully denoised step)."""
+    import diffusers
+
+    cfg = json.loads((scheduler_dir / "scheduler_config.json").read_text())
+    cls = getattr(diffusers, cfg.get("_class_name", ""), None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        cls = diffusers.DDIMScheduler
+    sched = cls.from_config(cfg)
+
+    def schedule(steps: int) -> torch.Tensor:
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        sched.set_timesteps(steps)
+        t = torch.unique(torch.as_tensor(sched.timesteps, dtype=torch.float64)).flip(0)  # decreasing, no repeats
+        sigmas = denoiser.t_to_sigma(t.float()).double()
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+    return schedule
+
+
+def _alphas_cumprod(scheduler_dir: Path) -> tuple[torch.Tensor, dict]:
+    """alphas_cumprod (T,) from any diffusers scheduler config (beta_start/end, beta_schedule, trained_betas)."""
+    import diffusers
+
+    cfg = json.loads((scheduler_dir / "scheduler_config.json").read_text())
+    keep = {k: v for k, v in cfg.items() if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                   "trained_betas", "rescale_betas_zero_snr")}
+    sched = diffusers.DDPMScheduler.from_config({**keep, "prediction_type": cfg.get("prediction_type", "epsilon")})
+    abar = sched.alphas_cumprod.double()
+    if keep.get("rescale_betas_zero_snr"):  # abar[-1] = 0 has sigma = inf: keep the last finite level
+        abar = abar.clamp_min(torch.finfo(torch.float32).tiny ** 0.5)
+    return abar, cfg
+
+
+def _text_encoder(d: Path, layout: str, device) -> "PromptEncoder | None":
+    if layout not in ("sd-inpaint", "sd-upscale", "sdxl-inpaint"):
+        return None
+    import transformers
+
+    from ops.text import PromptEncoder
+
+    names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if layout == "sdxl-inpaint" else [])
+    tokenizers, encoders = [], []
+    for tok_dir, enc_dir in names:
+        for sub in (tok_dir, enc_dir):
+            if not (d / sub).is_dir():
+                raise ValueError(f"{d} has a {layout} UNet (text-conditioned) but no {sub}/: add the text encoder and "
+                                 f"tokenizer of the checkpoint (the prompt is encoded, never replaced by zeros)")
+        loaded_weights(d / enc_dir)
+        tokenizers.append(transformers.AutoTokenizer.from_pretrained(d / tok_dir))
+        arch = json.loads((d / enc_dir / "config.json").read_text()).get("architectures", ["CLIPTextModel"])[0]
+        cls = getattr(transformers, arch, transformers.CLIPTextModel)
+        encoders.append(cls.from_pretrained(d / enc_dir, use_safetensors=True))
+    return PromptEncoder(tokenizers, encoders, sdxl=layout == "sdxl-inpaint", device=device)
+
+
 def load_diffusers(directory, device="cpu", task: str | None = None, noise: str | None = None,
-                   encoder_hidden_states: torch.Tensor | None = None) -> RestorationModel:
-    """A local diffusers directory (unet/, vae/, scheduler/) -> RestorationModel (VP -> VE wrapped)."""
+                   encoder_hidden_states: torch.Tensor | None = None, dtype="float32",
+                   memory: dict | None = None) -> RestorationModel:
+    """A local diffusers directory (unet/, vae/, scheduler/ [+ text_encoder/, tokenizer/, low_res_scheduler/])
+    -> RestorationModel (VP -> VE wrapped), on `device` with the UNet and VAE in `dtype`.
+
+    restoration.json (optional): {"layout", "task", "noise", "noise_level" (sd-upscale, default 20), "sigmas":
+    "scheduler" (default: the directory scheduler's timesteps) | "karras", "memory": {...MEMORY_DEFAULTS}}.
+    """
     import diffusers
 
     d = Path(directory)
-    _refuse_pickles(d)
     for sub in ("unet", "vae", "scheduler"):
         if not (d / sub).is_dir():
             raise ValueError(f"{d} is not a diffusers model directory: no {sub}/ subfolder")
@@ -155,25 +274,84 @@ def load_diffusers(directory, device="cpu", task: str | None = None, noise: str 
     if vae_cls not in ("AutoencoderKL", "AutoencoderTiny"):
         raise ValueError(f"unsupported autoencoder class {vae_cls!r} in {d / 'vae'} (AutoencoderKL / AutoencoderTiny)")
     for sub in ("unet", "vae"):
-        if not list((d / sub).glob("*.safetensors")):
-            raise ValueError(f"{d / sub} has no .safetensors weights (pickle checkpoints are not loaded)")
-    unet = getattr(diffusers, unet_cls).from_pretrained(d / "unet", use_safetensors=True)
-    vae = getattr(diffusers, vae_cls).from_pretrained(d / "vae", use_safetensors=True)
-    sched = diffusers.DDPMScheduler.from_pretrained(d / "scheduler")
-    ae = DiffusersAutoencoder(vae)
+        loaded_weights(d / sub)
+    torch_dtype = torch_dtype_of(dtype)
     meta = json.loads((d / "restoration.json").read_text()) if (d / "restoration.json").exists() else {}
+    mem = {**MEMORY_DEFAULTS, **meta.get("memory", {}), **(memory or {})}
+    unknown = set(mem) - set(MEMORY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown memory options {sorted(unknown)}; known: {', '.join(MEMORY_DEFAULTS)}")
+    unet = getattr(diffusers, unet_cls).from_pretrained(d / "unet", use_safetensors=True, torch_dtype=torch_dtype)
+    vae = getattr(diffusers, vae_cls).from_pretrained(d / "vae", use_safetensors=True, torch_dtype=torch_dtype)
+    abar, sched_cfg = _alphas_cumprod(d / "scheduler")
+    prediction = sched_cfg.get("prediction_type", "epsilon")
+    ae = DiffusersAutoencoder(vae)
+    ae.set_memory(slicing=mem["vae_slicing"], tiling=mem["vae_tiling"])
+    if mem["attention_slicing"] and hasattr(unet, "set_attention_slice"):
+        unet.set_attention_slice("auto")
+    if mem["gradient_checkpointing"] and getattr(unet, "_supports_gradient_checkpointing", False):
+        unet.enable_gradient_checkpointing()  # guided steps: recompute activations in the backward pass
     c = ae.latent_channels
+    layout = detect_layout(d, dict(unet.config), c, meta)
     if task is None:
-        task = meta.get("task") or {2 * c: "sr8", 2 * c + 1: "inpaint"}.get(unet.config.in_channels)
+        task = meta.get("task") or LAYOUT_TASKS.get(layout) or {2 * c: "sr8", 2 * c + 1: "inpaint"}.get(unet.config.in_channels)
         if task is None:
             raise ValueError(f"cannot tell the task of {d}: the UNet takes {unet.config.in_channels} channels for a "
-                             f"{c}-channel latent (sr8 needs {2 * c}, inpaint {2 * c + 1}); add restoration.json")
-    den = VPDenoiser(unet, sched.alphas_cumprod, sched.config.prediction_type, encoder_hidden_states)
-    card = {"name": d.name, "task": task, "noise": noise or meta.get("noise"), "source": str(d),
-            "unet_class": unet_cls, "vae_class": vae_cls, "prediction_type": sched.config.prediction_type}
+                             f"{c}-channel latent (sr8 needs {2 * c}, inpaint {2 * c + 1}, the x4 upscaler {c + 3} "
+                             f"with class labels); add restoration.json")
+    low_res, class_labels = None, None
+    if layout == "sd-upscale":
+        if ae.factor != 4:
+            raise ValueError(f"{d}: an x4 upscaler needs a VAE of factor 4 (the low-res image is concatenated at "
+                             f"latent size); this VAE's factor is {ae.factor}")
+        lr_dir = d / "low_res_scheduler"
+        lr_abar = _alphas_cumprod(lr_dir)[0] if lr_dir.is_dir() else _alphas_cumprod(d / "scheduler")[0]
+        noise_level = int(meta.get("noise_level", 20))
+        low_res = LowResAugment(lr_abar, noise_level)
+        class_labels = noise_level
+    den = VPDenoiser(unet, abar, prediction, encoder_hidden_states, class_labels=class_labels)
+    if meta.get("sigmas", "scheduler") not in ("scheduler", "karras"):
+        raise ValueError(f"{d / 'restoration.json'}: sigmas must be 'scheduler' or 'karras', got {meta['sigmas']!r}")
+    schedule = scheduler_schedule(d / "scheduler", den) if meta.get("sigmas", "scheduler") == "scheduler" else None
+    device = resolve_device(device)
+    text_device = "cpu" if mem["text_encoder_offload"] else device
+    prompt_encoder = _text_encoder(d, layout, text_device) if encoder_hidden_states is None else None
+    card = {"name": d.name, "task": task, "noise": noise or meta.get("noise"), "source": str(d), "layout": layout,
+            "unet_class": unet_cls, "vae_class": vae_cls, "prediction_type": prediction,
+            "scheduler": sched_cfg.get("_class_name"), "vae_factor": ae.factor, "dtype": str(dtype), "memory": mem}
     model = RestorationModel(ae, den, task, noise or meta.get("noise"), den.sigma_min, den.sigma_max, card=card,
-                             model_id=f"diffusers:{d.resolve()}", mask_pool="nearest")
+                             model_id=f"diffusers:{d.resolve()}", mask_pool="nearest", prompt_encoder=prompt_encoder,
+                             low_res=low_res, schedule=schedule)
     return model.to(device).eval()
+
+
+def torch_dtype_of(dtype) -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype, with a clear error otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cpu', 'cuda', 'cuda:N', 'meta' are checked."""
+    import re
+
+    device = str(device or "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("cpu", "meta"):
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                             f"use --device cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 # ---------------------------------------------------------------- public entry points
@@ -190,19 +368,21 @@ def resolve(name_or_dir: str, root=None) -> Path:
     raise ValueError(f"unknown model {name_or_dir!r}: not a directory, and not one of the models in {root} ({known})")
 
 
-def load_model(name_or_dir: str, device="cpu", **kwargs) -> RestorationModel:
+def load_model(name_or_dir: str, device="cpu", dtype="float32", **kwargs) -> RestorationModel:
     """Load a model by name (assets/models/<name>, or a task 'sr8' / 'inpaint' for its default) or directory.
 
-    Returns a RestorationModel in eval mode on `device`. kwargs (task, noise, encoder_hidden_states) are
-    passed to diffusers directories. Pickle checkpoints raise ValueError.
+    Returns a RestorationModel in eval mode on `device` ('auto' | 'cpu' | 'cuda' | 'cuda:N'), its networks in
+    `dtype` ('float32' | 'float16' | 'bfloat16'). kwargs (task, noise, encoder_hidden_states, memory) are
+    passed to diffusers directories. Pickle checkpoints that would be loaded raise ValueError naming the file.
     """
+    torch_dtype_of(dtype)
     p = resolve(str(name_or_dir))
     if p.is_file():
-        _refuse_pickles(p)
+        _refuse_pickle_file(p)
         raise ValueError(f"{p} is a file; pass a model directory (model.safetensors + card.json, or a diffusers directory)")
     if (p / CARD).exists():
-        return load_own(p, device)
-    return load_diffusers(p, device, **kwargs)
+        return load_own(p, device, dtype)
+    return load_diffusers(p, device, dtype=dtype, **kwargs)
 
 
 BEHAVIOUR_KEYS = ("known_pixels",)

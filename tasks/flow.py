@@ -16,8 +16,8 @@ from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, s
 FACTOR = 8
 
 
-def flow_key(prepare: str, backend: str) -> str:
-    return stage_key("estimate_flow", {"backend": backend, "factor": FACTOR}, {"prepare": prepare})
+def flow_key(prepare: str, backend: str, factor: int = FACTOR) -> str:
+    return stage_key("estimate_flow", {"backend": backend, "factor": factor}, {"prepare": prepare})
 
 
 def pair_flow(src: np.ndarray, dst: np.ndarray, backend: str) -> np.ndarray:
@@ -46,15 +46,15 @@ def estimate(frames: np.ndarray, backend: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(results[:n]), np.stack(results[n:])
 
 
-def compute(prepared: xr.Dataset, backend: str) -> xr.Dataset:
+def compute(prepared: xr.Dataset, backend: str, factor: int = FACTOR) -> xr.Dataset:
     cond = prepared["cond"].values  # (F, H, W, 3)
     forward, backward = estimate(cond, backend)
     fwd, bwd = torch.from_numpy(forward), torch.from_numpy(backward)
     valid = flowops.occlusion_mask(fwd, bwd)  # (F-1, H, W) on frame j-1's grid
     positions = flowops.chain_positions(bwd.double())  # (F, H, W, 2) in frame 0
-    lfwd = flowops.pixel_to_latent_flow(fwd, FACTOR)
-    lbwd = flowops.pixel_to_latent_flow(bwd, FACTOR)
-    lvalid = flowops.pixel_to_latent_mask(valid, FACTOR)
+    lfwd = flowops.pixel_to_latent_flow(fwd, factor)  # factor: the model's latent factor (its VAE's)
+    lbwd = flowops.pixel_to_latent_flow(bwd, factor)
+    lvalid = flowops.pixel_to_latent_mask(valid, factor)
     lpositions = flowops.chain_positions(lbwd.double())  # (F, h, w, 2) latent positions in frame 0
     dims, ldims = ("pair", "y", "x", "xy"), ("pair", "ly", "lx", "xy")
     return xr.Dataset(
@@ -68,11 +68,11 @@ def compute(prepared: xr.Dataset, backend: str) -> xr.Dataset:
             "latent_valid": (ldims[:3], lvalid.numpy()),
             "latent_positions": (("frame", "ly", "lx", "xy"), lpositions.numpy()),
         },
-        attrs={"backend": backend, "factor": FACTOR},
+        attrs={"backend": backend, "factor": factor},
     )
 
 
 @task(name="estimate_flow", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def estimate_flow(work_root: str, storage_options: dict, key: str, prepare: str, backend: str) -> StageRecord:
+def estimate_flow(work_root: str, storage_options: dict, key: str, prepare: str, backend: str, factor: int = FACTOR) -> StageRecord:
     store = store_for(work_root, storage_options)
-    return run_stage(store, "estimate_flow", key, lambda: compute(store.open("prepare", prepare).load(), backend))
+    return run_stage(store, "estimate_flow", key, lambda: compute(store.open("prepare", prepare).load(), backend, factor))

@@ -1,4 +1,4 @@
-"""Model loading shared by the stages: one instance per (name, device) per process."""
+"""Model loading shared by the stages: one instance per (name, device, dtype) per process."""
 
 from __future__ import annotations
 
@@ -13,37 +13,61 @@ from storage.models import model_identity  # noqa: F401  (cache keys read files 
 _LOAD_LOCK = threading.Lock()
 
 
-def get_model(name: str, device: str = "cpu"):
-    """The loaded model, once per process even when several threads (restore-archive) ask at once.
+def get_model(name: str, device: str = "cpu", dtype: str = "float32"):
+    """The loaded model on `device` (auto | cpu | cuda | cuda:N) in `dtype` (float32 | float16 | bfloat16), once
+    per process even when several threads (restore-archive) ask at once.
 
     The lock also keeps diffusers' lazy module imports single-threaded: two threads importing
     `diffusers.UNet2DModel` at the same moment can see a half-initialised module (ImportError).
     """
+    from storage.models import resolve_device
+
     with _LOAD_LOCK:
-        return _load(name, device)
+        return _load(name, resolve_device(device), str(dtype))
 
 
 @lru_cache(maxsize=4)
-def _load(name: str, device: str):
+def _load(name: str, device: str, dtype: str):
     from storage.models import load_model
 
-    model = load_model(name, device=device)
+    model = load_model(name, device=device, dtype=dtype)
     for p in model.parameters() if hasattr(model, "parameters") else []:
         p.requires_grad_(False)
     return model
 
 
 def model_info(name: str) -> dict:
-    """{"task", "noise", "latent_channels", "linear_decoder"} of a model: from our card without loading; diffusers
-    dirs are loaded. linear_decoder: decoding is one cheap linear map (our PCA autoencoder)."""
-    card_path = resolve(name) / CARD
-    if card_path.exists():
-        card = json.loads(card_path.read_text())
+    """{"task", "noise", "latent_channels", "factor", "layout", "text", "linear_decoder"} of a model, read from its
+    files without loading it (our card; a diffusers directory's configs). linear_decoder: decoding is one cheap
+    linear map (our PCA autoencoder); text: the model takes a prompt."""
+    from storage.models import LAYOUT_TASKS, detect_layout
+
+    d = resolve(name)
+    if (d / CARD).exists():
+        card = json.loads((d / CARD).read_text())
         return {"task": card["task"], "noise": card.get("noise"), "latent_channels": int(card["autoencoder"]["latent_channels"]),
+                "factor": int(card["autoencoder"].get("factor", 8)), "layout": "concat", "text": False,
                 "linear_decoder": card["autoencoder"].get("type") == "pca"}
-    model = get_model(name)
-    return {"task": model.task, "noise": model.noise, "latent_channels": model.latent_channels,
-            "linear_decoder": isinstance(model.autoencoder, PCAAutoencoder)}
+    try:
+        unet = json.loads((d / "unet" / "config.json").read_text())
+        vae = json.loads((d / "vae" / "config.json").read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"{d} is not a diffusers model directory: {exc.filename} is missing") from None
+    meta = json.loads((d / "restoration.json").read_text()) if (d / "restoration.json").exists() else {}
+    c = int(vae.get("latent_channels", 4))
+    layout = detect_layout(d, unet, c, meta)
+    task = meta.get("task") or LAYOUT_TASKS.get(layout) or {2 * c: "sr8", 2 * c + 1: "inpaint"}.get(int(unet.get("in_channels", 0)))
+    if task is None:
+        return {**_loaded_info(name), "layout": layout}
+    blocks = vae.get("encoder_block_out_channels") or vae.get("block_out_channels", (0,) * 4)
+    return {"task": task, "noise": meta.get("noise"), "latent_channels": c, "factor": 2 ** (len(blocks) - 1),
+            "layout": layout, "text": layout != "concat", "linear_decoder": False}
+
+
+def _loaded_info(name: str) -> dict:
+    model = get_model(name)  # raises the loader's own error (which channels it expected)
+    return {"task": model.task, "noise": model.noise, "latent_channels": model.latent_channels, "factor": model.factor,
+            "text": model.prompt_encoder is not None, "linear_decoder": isinstance(model.autoencoder, PCAAutoencoder)}
 
 
 def resolve_guidance_space(space: str, info: dict) -> str:

@@ -4,6 +4,7 @@ denoiser's downsampling, `tasks.models.pad_multiple`) and cropped back at decode
 
 sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
+sr4: the same with 4 (the x4 upscaler layout; its encode stage conditions on `input`, the low-res frame)
 inpaint, restore:   input + mask URL (white = hole) -> cond = input with holes, mask
 inpaint, benchmark: input = ground truth           -> masks generated from the seed, cond = masked truth, truth
 """
@@ -21,8 +22,7 @@ from ops import degrade
 from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
-SR_SCALE = 8  # the sr8 task: 8x super-resolution (a property of the task, not of a model)
-FACTOR = SR_SCALE  # the name tasks.decode imports
+SR_FACTORS = {"sr8": 8, "sr4": 4}  # super-resolution tasks: output size / input size (a property of the task)
 
 
 def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None, multiple: int) -> str:
@@ -31,17 +31,18 @@ def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: 
 
 
 def input_multiple(task_name: str, mode: str, multiple: int) -> int:
-    """The input frames are reflect-padded to this so the model's frames are multiples of its `multiple`: sr8 restore
-    pads the low-res input (the smallest m with SR_SCALE * m a multiple), sr8 benchmark pads the truth so it also
-    divides by SR_SCALE, inpainting pads to `multiple`."""
-    if task_name == "sr8":
-        return multiple // math.gcd(multiple, SR_SCALE) if mode == "restore" else math.lcm(multiple, SR_SCALE)
+    """The input frames are reflect-padded to this so the model's frames are multiples of its `multiple`: SR restore
+    pads the low-res input (the smallest m with scale * m a multiple), SR benchmark pads the truth so it also
+    divides by the scale, other tasks pad to `multiple`."""
+    scale = SR_FACTORS.get(task_name)
+    if scale:
+        return multiple // math.gcd(multiple, scale) if mode == "restore" else math.lcm(multiple, scale)
     return multiple
 
 
 def output_scale(task_name: str, mode: str) -> int:
-    """Output frame size / input frame size: SR_SCALE for sr8 restore, else 1."""
-    return SR_SCALE if (task_name, mode) == ("sr8", "restore") else 1
+    """Output frame size / input frame size: the scale for SR restore, else 1."""
+    return SR_FACTORS.get(task_name, 1) if mode == "restore" else 1
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -86,15 +87,16 @@ def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int,
     """One chunk of frames (n, H, W, 3) uint8 -> its conditioning arrays {name: (n, ...)}: cond, input, truth
     (benchmark), mask (inpaint; `mask` (n or 1, H', W') on the padded grid, 1 = hole)."""
     data = {}
-    if task_name == "sr8":
+    if task_name in SR_FACTORS:
+        scale = SR_FACTORS[task_name]
         if mode == "benchmark":
             truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
-            low = degrade.downsample(_to_float(truth), SR_SCALE)  # (n, 3, H/8, W/8)
+            low = degrade.downsample(_to_float(truth), scale)  # (n, 3, H/s, W/s)
             data["truth"] = truth
         else:
             low = _to_float(pad_to_multiple(frames, input_multiple(task_name, mode, multiple))[0])  # (n, 3, h', w')
         data["input"] = _to_uint8(low)
-        data["cond"] = _to_uint8(degrade.upsample(low, SR_SCALE))  # (n, H, W, 3)
+        data["cond"] = _to_uint8(degrade.upsample(low, scale))  # (n, H, W, 3)
     else:
         padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
         holes = torch.from_numpy(np.broadcast_to(mask, (len(frames), *mask.shape[1:])).astype(np.float32))[:, None]  # (n, 1, H, W)
@@ -128,7 +130,7 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
     scale = output_scale(task_name, mode)
     attrs = {"task": task_name, "mode": mode, "height": h * scale, "width": w * scale}
     holes = None
-    if task_name != "sr8":
+    if task_name not in SR_FACTORS:
         m = input_multiple(task_name, mode, multiple)
         ph, pw = -(-h // m) * m, -(-w // m) * m
         if mode == "benchmark":  # one mask for every frame, from the seed
@@ -148,7 +150,7 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
         lazy = dask.delayed(chunk, pure=True)(start, stop)
         for name, a in first.items():
             parts[name].append(da.from_delayed(lazy[name], shape=(stop - start, *a.shape[1:]), dtype=a.dtype))
-    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name == "sr8" else DIMS["cond"]}
+    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name in SR_FACTORS else DIMS["cond"]}
     data = {name: (dims[name], da.concatenate(p)) for name, p in parts.items()}
     return xr.Dataset(data, attrs=attrs)
 

@@ -32,9 +32,14 @@ WINDOW_STAGE = "sample_window"  # committed windows of unfinished sample artifac
 
 
 def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guidance: float, max_batch,
-               guidance_space: str = "latent", tile: int | None = None) -> str:
+               guidance_space: str = "latent", text: dict | None = None, dtype: str = "float32",
+               tile: int | None = None) -> str:
     """Content key of the clean latents; `tile` (latent cells, None = untiled) changes the numbers, a window doesn't."""
     params = {"model": model_identity(model), "steps": steps, "guidance": guidance, "schedule": "wavefront"}
+    if text:  # prompt, negative prompt, cfg scale (text-conditioned checkpoints)
+        params["text"] = text
+    if dtype != "float32":
+        params["dtype"] = dtype
     if guidance > 0 and guidance_space != "latent":  # unguided samples are the same in either space
         params["guidance_space"] = guidance_space
     if tile is not None:
@@ -55,12 +60,14 @@ def _rows(da: xr.DataArray, rows: slice) -> torch.Tensor:
 class SamplerWorker:
     """Loads the model once; `sample` reads noise/conditioning/flows from the store and writes clean latents."""
 
-    def __init__(self, model_name: str, threads: int | None = None, device: str | None = None):
+    def __init__(self, model_name: str, threads: int | None = None, device: str | None = None, dtype: str = "float32"):
+        from storage.models import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device or "auto")
         self.model_name = model_name
-        self.model = get_model(model_name, self.device)
+        self.model = get_model(model_name, self.device, dtype)
         self._progress = {"tick": 0, "total_ticks": 0}
         self._lock = threading.Lock()
 
@@ -78,7 +85,7 @@ class SamplerWorker:
 
     def sample(self, work_root: str, storage_options: dict, key: str, noise: str, encode: str, flow: str, steps: int,
                guidance: float, max_batch=None, guidance_space: str = "latent", window: int | None = None,
-               tile: int | None = None) -> dict:
+               tile: int | None = None, text: dict | None = None) -> dict:
         """guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
         latent predictions warped by the latent flow, as the paper). window: frames sampled at a time (None: all);
         tile: latent tile side for MultiDiffusion tiles (None: whole frames); `key` must be `sample_key(...)` with
@@ -88,8 +95,9 @@ class SamplerWorker:
         store = store_for(work_root, storage_options)
         pixel = guidance_space == "pixel" and guidance > 0
         schedule = "wavefront" if guidance > 0 else "parallel"
-        denoiser = self.model.denoise if tile is None else sampling.tiled_denoiser(self.model.denoise, tile)
-        sigmas = sampling.karras_sigmas(steps, float(self.model.sigma_min), float(self.model.sigma_max))
+        denoise = self.model.text_denoiser(**(text or {}))  # the encoded prompt (+ CFG) for SD layouts
+        denoiser = denoise if tile is None else sampling.tiled_denoiser(denoise, tile)
+        sigmas = self.model.sigmas(steps)  # Karras, or the checkpoint scheduler's timesteps in VE form
         computed: list[int] = []
         spans: list[tuple[int, int]] = []
 
@@ -164,7 +172,8 @@ class SamplerPool:
     otherwise pin actors to OMP_NUM_THREADS=1).
     """
 
-    def __init__(self, model_name: str, size: int = 1, threads: int | None = None, work_root: str | None = None):
+    def __init__(self, model_name: str, size: int = 1, threads: int | None = None, work_root: str | None = None,
+                 device: str = "auto", dtype: str = "float32"):
         import os
 
         import ray
@@ -172,11 +181,13 @@ class SamplerPool:
         from infra.ray_pool import ensure_ray
 
         ensure_ray()
-        cuda = torch.cuda.is_available()
+        # CUDA from the cluster's resources (a GPU worker node), not from what the driver process sees
+        cuda = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
         threads = threads or max(1, (os.cpu_count() or 1) // size)
         options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": threads}
         actor_cls = ray.remote(SamplerWorker).options(max_concurrency=2, **options)
-        self.actors = [actor_cls.remote(model_name, None if cuda else threads) for _ in range(size)]
+        actor_device = "cuda" if cuda else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: the actor's GPU is its cuda:0
+        self.actors = [actor_cls.remote(model_name, None if cuda else threads, actor_device, dtype) for _ in range(size)]
         self._free = list(range(size))
         self._lock = threading.Lock()
 

@@ -96,7 +96,9 @@ def test_unet2d_condition_model_cross_attention_and_concat():
     den = VPDenoiser(unet, _alphas(), "epsilon")
     x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 8, 8)
     ehs = torch.randn(1, 7, 12)
-    d0 = den(x, torch.tensor([1.0, 2.0]), cond)  # zero prompt embeddings by default
+    with pytest.raises(ValueError, match="encoded prompt"):  # no silent zero prompt
+        den(x, torch.tensor([1.0, 2.0]), cond)
+    d0 = den(x, torch.tensor([1.0, 2.0]), cond, encoder_hidden_states=torch.zeros_like(ehs))
     d1 = den(x, torch.tensor([1.0, 2.0]), cond, encoder_hidden_states=ehs)
     assert d0.shape == x.shape and not torch.allclose(d0, d1)
     with pytest.raises(ValueError, match="input channels"):
