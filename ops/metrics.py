@@ -127,3 +127,25 @@ def seam_ratio(frames: torch.Tensor, rows=(), cols=(), cell: int = 1) -> float:
     if not seams or not others:
         raise ValueError("seam_ratio needs at least one border and one other cell boundary to compare with")
     return float(torch.stack(seams).mean() / torch.stack(others).mean())
+
+
+def grad_ratio(frames: torch.Tensor, truth: torch.Tensor) -> float:
+    """Sharpness against the truth: mean gradient magnitude of `frames` / that of `truth` (both (F, C, H, W)) ->
+    1 when as sharp as the truth, < 1 blurrier (PSNR rewards blur), > 1 noisier or oversharpened."""
+    from .training import mean_gradient
+
+    if frames.shape != truth.shape:
+        raise ValueError(f"grad_ratio needs equal shapes, got {tuple(frames.shape)} and {tuple(truth.shape)}")
+    return float(mean_gradient(frames.double()).mean() / mean_gradient(truth.double()).mean().clamp_min(1e-12))
+
+
+def blockiness(frames: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> float:
+    """Block artefacts against the truth: the mean |horizontal + vertical pixel difference| across `cell`-px cell
+    borders / the mean across all other pixel boundaries (seam_ratio), of `frames` over that of `truth` ->
+    ~1 when no more blocky than the truth (a block-wise latent decoder gives > 1)."""
+    if frames.shape != truth.shape:
+        raise ValueError(f"blockiness needs equal shapes, got {tuple(frames.shape)} and {tuple(truth.shape)}")
+    _check_video("frames", frames)
+    h, w = frames.shape[-2:]
+    borders = dict(rows=range(cell, h, cell), cols=range(cell, w, cell))
+    return seam_ratio(frames, **borders) / seam_ratio(truth, **borders)
