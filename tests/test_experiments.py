@@ -298,3 +298,39 @@ def test_tuning_then_report_with_input_rows_and_floors(tmp_path, monkeypatch, ca
         mlflow.set_tracking_uri(previous)
 
 
+
+
+@pytest.mark.slow
+def test_shift_inpaint_has_telea_rows_per_mask_and_integral_only_white(tmp_path, monkeypatch, capsys):
+    """shift-inpaint with the stand-in restore: the Telea input row once per seed (the seed draws the hole), hole
+    PSNR in every row, the exact flow equals the `shift:` flow, and integral runs only with the white model."""
+    import argparse
+
+    import mlflow
+
+    calls = []
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    monkeypatch.setattr(experiments, "METHODS", ("gp", "integral"))
+    try:
+        args = argparse.Namespace(name="shift-inpaint", input=None, frames=None, steps=2, seeds=2, work_root=str(tmp_path),
+                                  json=True, guidance=None, guidance_space=None, tune_image=None, report_images=None,
+                                  update_doc=None)
+        assert experiments.experiment_cli(args) == 0
+        assert sorted((c.method, c.model_name) for c in calls) == sorted(
+            [("gp", "inpaint-gp"), ("gp", "inpaint-white"), ("integral", "inpaint-white")] * 2)
+        _, parents, children = _child_runs(tmp_path, "shift-inpaint")
+        by_row = {}
+        for r in children[parents[0].info.run_id]:
+            by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r.data.metrics)
+        assert set(by_row) == {"truth (floor)", "input: Telea", "gp", "gp/white", "integral/white"}
+        assert len(by_row["input: Telea"]) == 2 and len(by_row["truth (floor)"]) == 1
+        for row, ms in by_row.items():
+            for m in ms:
+                assert m["warping_error_pixel_first_exact"] == pytest.approx(m["warping_error_pixel_first"], rel=1e-6)
+                if row != "truth (floor)":
+                    assert "hole_psnr" in m and "blockiness" in m
+        assert max(m["warping_error_pixel_prev"] for m in by_row["truth (floor)"]) < 1e-12  # exact shift: no error
+    finally:
+        mlflow.set_tracking_uri(previous)
