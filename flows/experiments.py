@@ -578,7 +578,7 @@ def _log_row_run(name: str, parent_id: str, uri: str, row: str, clip: Clip, seed
 def run_experiment(name: str, input: str | None = None, frames: int | None = None, steps: int | None = None,
                    seeds: int = DEFAULT_SEEDS, work_root: str | None = None, log=print, guidance: float | None = None,
                    space: str | None = None, tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES,
-                   models_root=None) -> dict:
+                   models_root=None, task: str = "sr8") -> dict:
     """Run every configuration of `name` nested under one parent MLflow run, score every run (and the input and
     truth rows) against the estimated and the exact flow, then log compare's table and plots.
 
@@ -604,7 +604,7 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
                 else "untuned defaults (no guidance-sweep run)") if name == "video-sr" else None
     clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root)
     specs = experiment_grid(name, clips, steps, seeds, work_root, guidance=guidance, space=space,
-                            frames=frames if input else None)
+                            frames=frames if input else None, task=task)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
@@ -694,7 +694,7 @@ def experiments(name: str = "video-sr", input: str | None = None, frames: int | 
 
 def experiment_cli(args) -> int:
     """`restore-video experiment NAME|all [--input URL] [--frames N] [--steps N] [--guidance L] [--guidance-space S]
-    [--seeds N] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
+    [--seeds N] [--task sr8|sr4] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
     names = EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
@@ -708,7 +708,8 @@ def experiment_cli(args) -> int:
         try:
             result = run_experiment(name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log,
                                     guidance=getattr(args, "guidance", None), space=getattr(args, "guidance_space", None),
-                                    tune_image=getattr(args, "tune_image", None) or TUNE_IMAGE, report_images=report_images)
+                                    tune_image=getattr(args, "tune_image", None) or TUNE_IMAGE, report_images=report_images,
+                                    task=getattr(args, "task", None) or "sr8")
         except (ValueError, ValidationError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
