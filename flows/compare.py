@@ -30,7 +30,7 @@ METRICS = (
     "ssim",
 )
 EXACT_METRICS = tuple(f"{m}_exact" for m in METRICS[:4])  # the same warping errors against the exact flow
-SHARPNESS_METRICS = ("grad_ratio", "blockiness")
+SHARPNESS_METRICS = ("grad_ratio", "blockiness", "noise_sigma")
 OPTIONAL_METRICS = EXACT_METRICS + SHARPNESS_METRICS + ("hole_psnr", "lpips")
 HEADERS = {
     "warping_error_pixel_first": "WE pixel first",
@@ -45,6 +45,7 @@ HEADERS = {
     "ssim": "SSIM",
     "grad_ratio": "grad ratio",
     "blockiness": "blockiness",
+    "noise_sigma": "noise σ (NR)",
     "hole_psnr": "hole PSNR (dB)",
     "lpips": "LPIPS",
 }
@@ -171,7 +172,9 @@ def footnotes(rows: list[dict]) -> list[str]:
     if any(not math.isnan(r["grad_ratio_mean"]) for r in rows):
         notes.append("grad ratio: mean gradient magnitude over the truth's (1 = as sharp; < 1 blurrier, which PSNR "
                      "rewards). blockiness: mean |pixel difference| across 8-px cell borders over the mean elsewhere, "
-                     "restored over truth (1 = no block artefacts).")
+                     "restored over truth (1 = no block artefacts). noise σ (NR): no-reference noise level (Immerkær 1996: "
+                     "the std of white noise explaining the frames' response to a Laplacian-difference mask, [0, 1] "
+                     "scale); compare with the truth row's own level: above it = grain/diffusion noise, below = blur.")
     if all(math.isnan(r["lpips_mean"]) for r in rows):
         notes.append(LPIPS_FOOTNOTE)
     return notes

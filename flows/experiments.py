@@ -376,7 +376,7 @@ def score(frames, truth=None, est=None, exact=None, latents=None, factor: int = 
     from ops import metrics
 
     f, _, h, w = frames.shape
-    out = {}
+    out = {"noise_sigma": metrics.noise_sigma(frames)}  # no-reference: the truth row gets the source's own level
     flows = {}
     if est is not None:
         flows[""] = (torch.from_numpy(est["forward"].values), torch.from_numpy(est["valid"].values),

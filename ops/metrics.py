@@ -149,3 +149,21 @@ def blockiness(frames: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> floa
     h, w = frames.shape[-2:]
     borders = dict(rows=range(cell, h, cell), cols=range(cell, w, cell))
     return seam_ratio(frames, **borders) / seam_ratio(truth, **borders)
+
+
+def noise_sigma(frames: torch.Tensor) -> float:
+    """No-reference noise level (Immerkaer 1996, "Fast noise variance estimation"): the standard deviation of
+    white noise that would explain the frames' response to the Laplacian-difference mask [[1,-2,1],[-2,4,-2],[1,-2,1]]
+    (which cancels locally planar image content), averaged over frames -> sigma on the frames' [0, 1] scale.
+
+    frames: (F, C, H, W); channels are averaged to grey first. Needs no truth, so it applies to real footage: grain
+    or diffusion noise left in a restoration raises it, blur lowers it below the source's own level.
+    """
+    _check_video("frames", frames)
+    grey = frames.double().mean(1, keepdim=True)  # (F, 1, H, W)
+    _, _, h, w = grey.shape
+    if h < 3 or w < 3:
+        raise ValueError(f"noise_sigma needs frames of at least 3x3 pixels, got {w}x{h}")
+    mask = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=torch.float64, device=grey.device)
+    response = nnf.conv2d(grey, mask.view(1, 1, 3, 3)).abs()  # (F, 1, H-2, W-2)
+    return float(math.sqrt(math.pi / 2) * response.mean() / 6)

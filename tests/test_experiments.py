@@ -107,7 +107,7 @@ def test_choose_tuning_prefers_consistency_without_blur():
     assert experiments.choose_tuning(rows, slack_db=5)["warping_error_pixel_first"] == 0.1
 
 
-def test_metrics_grad_ratio_and_blockiness():
+def test_metrics_grad_ratio_blockiness_noise_sigma():
     import torch
 
     from ops import metrics
@@ -119,6 +119,12 @@ def test_metrics_grad_ratio_and_blockiness():
     assert metrics.blockiness(blocks, truth) > 5  # piecewise-constant 8x8 cells: all change at cell borders
     blur = torch.nn.functional.avg_pool2d(truth, 3, 1, 1, count_include_pad=False)
     assert metrics.grad_ratio(blur, truth) < 0.7 and metrics.grad_ratio(truth, truth) == pytest.approx(1.0)
+
+    ramp = torch.linspace(0.2, 0.6, 48, dtype=torch.float64).view(1, 1, 1, 48).expand(2, 3, 32, 48)
+    assert metrics.noise_sigma(ramp) == pytest.approx(0.0, abs=1e-12)  # planar content: no noise
+    for sigma in (0.01, 0.05):  # white noise of known sigma (same in every channel) is recovered to a few %
+        noisy = ramp + sigma * torch.randn(2, 1, 32, 48, generator=g, dtype=torch.float64).expand(-1, 3, -1, -1)
+        assert metrics.noise_sigma(noisy) == pytest.approx(sigma, rel=0.1)
 
 
 def test_exact_flow_of_the_sample_clip_warps_frames_onto_each_other():
@@ -292,7 +298,8 @@ def test_tuning_then_report_with_input_rows_and_floors(tmp_path, monkeypatch, ca
         assert "± –" in line  # n = 1: no std
         line = next(x for x in table.splitlines() if x.startswith("| gp | 3 |"))
         assert "± –" not in line.split("|")[3]
-        assert "grad ratio" in table and "WE pixel first (exact)" in table
+        assert "grad ratio" in table and "WE pixel first (exact)" in table and "noise σ (NR)" in table
+        assert floor["noise_sigma"] > bic["noise_sigma"]  # no-reference: bicubic is smoother than the truth
         assert "## guidance-sweep" in table  # no markers for it yet: appended
     finally:
         mlflow.set_tracking_uri(previous)
