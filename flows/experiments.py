@@ -1,26 +1,32 @@
 """The paper's comparisons as MLflow experiments: one parent run per experiment, one nested run per configuration.
 
+    guidance-sweep  warped-diffusion, lambda x steps x guidance space (pixel/latent), SR, on the TUNING clip; picks
+                    (choose_tuning) and writes work_root/experiments/tuning.json
+    video-sr        (Table 3) SR of the REPORT clips, every method, with the sweep's lambda/steps/space; DIS flow
     shift-inpaint   (Table 2) a still photo translated by a known whole number of pixels per frame, inpainted with
-                    a fixed mask; every method x {GP-trained, white-noise-trained} model; exact flow (`shift:DX,DY`)
-    video-sr        (Table 3) 8x super-resolution of a video (default: the embedded clip), estimated flow (DIS),
-                    every method, 100 steps, lambda = 2 (what guidance-sweep picks for pixel-space guidance; the
-                    paper likewise raises the step count for guidance, App. F.3)
-    guidance-sweep  warped-diffusion, lambda in {0, 0.25, 0.5, 1, 2} x steps in {25, 50, 100}, 8x SR
+                    a fixed mask; every method x {GP, white-noise} model; exact flow (`shift:DX,DY`)
+    all             the three in that order (`make experiments`; `--update-doc EXPERIMENTS.md` writes the tables)
 
-`--seeds N` repeats every configuration with seeds 0..N-1 (mean ± std in `restore-video compare`). Sampling runs
-in-process (`executor="inline"`, one model load per process); every stage is cached, so an interrupted
-experiment resumes and methods share their flow, encoding and noise artifacts.
+Clips are storage/sample.py's pan + zoom over held-out photographs (scikit-image `rocket` to tune, `coffee` and
+`motorcycle_right` to report), so their exact motion is known; a photograph on any model card's training list is
+refused (`check_held_out`). Every run is scored here (`score`) against the estimated flow (the pipeline's warping
+errors) and the exact one (`*_exact`), with PSNR, SSIM, grad_ratio, blockiness and a no-reference noise level;
+the input itself (bicubic xS with / without back-projection; Telea for inpainting) and the ground truth (the floor
+of every warping error) are scored by the same function as rows of their own. Methods map to models in one place,
+`model_for`: white-noise baselines (`integral`) always run with the white-noise model, as in the paper.
+
+`--seeds N` (default 3) repeats every configuration with seeds 0..N-1 (mean ± std in `restore-video compare`).
+Sampling runs in-process (`executor="inline"`, one model load per process); every stage is cached, so an
+interrupted experiment resumes and methods share their flow, encoding and noise artifacts.
 
 Shift-inpaint, as in the paper (Sec. 5.1, Fig. 1/3): the *masked* still image is shifted by a whole number of
 latent pixels per frame, so the hole moves with the content and an equivariant restorer gives an exactly
-shifted output. Photo: `skimage.data.coffee()` (held out from the embedded models' training, see DESIGN),
-downscaled by 2 to 300x200; a 128x128 window panning SHIFT_PX = 8 px (one latent pixel) per frame, so every
-noise warp except fixed/resample is exact and the gap between gp and warped-diffusion is self-guidance alone
-(paper: "the benefit strictly comes from enforcing the equivariance property"). The hole is a rectangle
-attached to the scene (position drawn from the seed), written with the clip as lossless FFV1 video. Because the
-pipeline's benchmark mode draws a mask fixed in the frame, these runs use restore mode with the truth clip +
-mask video, and PSNR/SSIM/hole PSNR against the truth are computed here from the decoded frames and logged to
-the same MLflow run. 128x128 rather than 256x256 keeps the 14-run grid within CPU minutes.
+shifted output. Photo: `skimage.data.coffee()` (held out of the embedded models' training), downscaled by 2 to
+300x200; a 128x128 window panning SHIFT_PX = 8 px (one latent pixel) per frame, so every noise warp except
+fixed/resample is exact and the gap between gp and warped-diffusion is self-guidance alone (paper: "the benefit
+strictly comes from enforcing the equivariance property"). The hole is a rectangle attached to the scene
+(position drawn from the seed), written with the clip as lossless FFV1 video. These runs use restore mode with
+the truth clip + mask video; the truth metrics are computed here from the decoded frames.
 """
 
 from __future__ import annotations
