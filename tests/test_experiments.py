@@ -170,6 +170,7 @@ def test_shift_clip_and_masks_are_exact_lossless_translations(tmp_path):
 def _stand_in_restore(calls):
     """A stand-in for flows.restore_video.restore: the real prepare / flow stages, a 'restoration' = the bicubic
     input plus seed- and method-dependent noise, its latents from the real autoencoder, a real nested MLflow run."""
+    import inspect
     import os
 
     import mlflow
@@ -191,8 +192,9 @@ def _stand_in_restore(calls):
                 "decode": f"fake-{tag}-{cfg.method}-{cfg.guidance}-{cfg.steps}-{cfg.model_name}"}
         keys["sample"] = keys["decode"]
         extracted = xr.Dataset({"frames": (("frame", "y", "x", "rgb"), frames)})
+        extra = {"multiple": 8} if "multiple" in inspect.signature(prepare_stage.compute).parameters else {}
         run_stage(store, "prepare", keys["prepare"],
-                  lambda: prepare_stage.compute(extracted, cfg.task, cfg.mode, cfg.seed, cfg.mask, {}))
+                  lambda: prepare_stage.compute(extracted, cfg.task, cfg.mode, cfg.seed, cfg.mask, {}, **extra))
         prepared = store.open("prepare", keys["prepare"]).load()
         run_stage(store, "estimate_flow", keys["estimate_flow"], lambda: flow_stage.compute(prepared, cfg.flow_backend))
         g = torch.Generator().manual_seed(cfg.seed * 100 + len(cfg.method) + int(10 * cfg.guidance))
