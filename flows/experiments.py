@@ -119,21 +119,23 @@ def _image_name(image: str) -> str:
 
 
 def training_images(models_root=None) -> dict[str, set[str]]:
-    """Model name -> the images its card says it was trained on (`data.train` and any other `data.*train*` list)."""
+    """Model name -> the images its card says it was trained on: every name in a list under a key containing
+    "train" anywhere in the card's `data` (`data.train`, `data.photographs.train`, ...; `skimage:` prefixes and
+    file extensions dropped)."""
     from pathlib import Path
 
     from flows.config import PROJECT_ROOT
 
+    def listed(node, under_train: bool) -> set[str]:  # every name in a list under a key containing "train"
+        if isinstance(node, dict):
+            return set().union(*(listed(v, under_train or "train" in str(k).lower()) for k, v in node.items()))
+        if isinstance(node, (list, tuple)) and under_train:
+            return {_image_name(str(v).split(":")[-1]) for v in node if isinstance(v, str)}
+        return set()
+
     root = Path(models_root) if models_root else PROJECT_ROOT / "assets" / "models"
-    out = {}
-    for card_path in sorted(root.glob("*/card.json")):
-        data = json.loads(card_path.read_text()).get("data") or {}
-        names = set()
-        for key, value in data.items():
-            if "train" in key and isinstance(value, (list, tuple)):
-                names |= {str(v).split(":")[-1] for v in value}
-        out[card_path.parent.name] = names
-    return out
+    return {p.parent.name: listed(json.loads(p.read_text()).get("data") or {}, False)
+            for p in sorted(root.glob("*/card.json"))}
 
 
 def check_held_out(image: str, models_root=None) -> None:

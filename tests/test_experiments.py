@@ -78,7 +78,7 @@ def test_training_images_are_refused(tmp_path):
     card = tmp_path / "sr8-gp"
     card.mkdir()
     (card / "card.json").write_text(json.dumps({"data": {"train": ["astronaut", "skimage:camera"], "heldout": ["coffee"],
-                                                         "train_photos": ["BytheWater"]}}))
+                                                         "photographs": {"train": ["BytheWater.jpg"], "test": ["Grey"]}}}))
     assert experiments.training_images(tmp_path) == {"sr8-gp": {"astronaut", "camera", "BytheWater"}}
     for image in ("astronaut", "camera", "/some/dir/BytheWater.png"):
         with pytest.raises(ValueError, match="training image of sr8-gp"):
