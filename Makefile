@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_AUTH_MODE ?= disabled
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench experiments clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all
+
+# The guidance sweep tunes on its clip, video-sr reports on other clips, shift-inpaint; 3 seeds; the tables are
+# written into EXPERIMENTS.md (hours on 2 CPU cores). EXPERIMENT_ARGS="--frames 4 --steps 2" for a smoke run.
+experiments: $(STAMP)
+	$(BIN)/restore-video experiment all --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) .prefect .cache work out

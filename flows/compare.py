@@ -29,14 +29,23 @@ METRICS = (
     "psnr",
     "ssim",
 )
-OPTIONAL_METRICS = ("hole_psnr", "lpips")
+EXACT_METRICS = tuple(f"{m}_exact" for m in METRICS[:4])  # the same warping errors against the exact flow
+SHARPNESS_METRICS = ("grad_ratio", "blockiness", "noise_sigma")
+OPTIONAL_METRICS = EXACT_METRICS + SHARPNESS_METRICS + ("hole_psnr", "lpips")
 HEADERS = {
     "warping_error_pixel_first": "WE pixel first",
     "warping_error_pixel_prev": "WE pixel prev",
     "warping_error_latent_first": "WE latent first",
     "warping_error_latent_prev": "WE latent prev",
+    **{f"{m}_exact": f"{h} (exact)" for m, h in (("warping_error_pixel_first", "WE pixel first"),
+                                                 ("warping_error_pixel_prev", "WE pixel prev"),
+                                                 ("warping_error_latent_first", "WE latent first"),
+                                                 ("warping_error_latent_prev", "WE latent prev"))},
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
+    "grad_ratio": "grad ratio",
+    "blockiness": "blockiness",
+    "noise_sigma": "noise σ (NR)",
     "hole_psnr": "hole PSNR (dB)",
     "lpips": "LPIPS",
 }
@@ -45,6 +54,10 @@ LPIPS_FOOTNOTE = ("LPIPS is not reported: no LPIPS weights are present locally, 
                   "weights at run time.")
 ROLE_TAG = "restore_video.role"  # "experiment-parent" on parent runs made by flows.experiments
 ROW_TAG = "restore_video.row"  # the table row of a child run (set by flows.experiments)
+CLIP_TAG = "restore_video.clip"  # the clip a child run is on, and its role (tuning | report)
+CLIP_ROLE_TAG = "restore_video.clip_role"
+TRUTH_ROW = "truth (floor)"  # flows.experiments' rows of the ground truth and of the input itself
+INPUT_PREFIX = "input: "
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,57 +79,69 @@ def row_key(run: dict) -> str:
 
 
 def _order(key: str) -> tuple:
-    """Paper order: methods as in METHODS (warped-diffusion first), GP models before white, sweep by steps, lambda."""
+    """Truth (floor), then the input rows, then paper order: methods as in METHODS (warped-diffusion first), GP
+    models before white; the sweep by steps, space, lambda."""
     import re
 
-    sweep = re.fullmatch(r"λ=([-\d.e]+) steps=(\d+)", key)
+    if key == TRUTH_ROW:
+        return (-2, False, 0, 0, "", 0.0, key)
+    if key.startswith(INPUT_PREFIX):
+        return (-1, False, 0, 0, "", 0.0, key)
+    sweep = re.fullmatch(r"λ=([-\d.e]+) steps=(\d+)(?: space=(\w+))?", key)
     if sweep:
-        return (False, -1, int(sweep.group(2)), float(sweep.group(1)), key)
+        return (0, False, -1, int(sweep.group(2)), sweep.group(3) or "", float(sweep.group(1)), key)
     base, _, variant = key.partition("/")
     rank = METHODS.index(base) if base in METHODS else len(METHODS)
-    return (variant == "white", rank, 0, 0.0, key)
+    return (0, variant == "white", rank, 0, "", 0.0, key)
 
 
 def _std(values: np.ndarray) -> float:
-    """Sample standard deviation over seeds (ddof=1); 0 for a single run."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    """Sample standard deviation over seeds (ddof=1); NaN (printed "–") for a single run."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
 def build_table(runs_df) -> list[dict]:
-    """Runs (a `mlflow.search_runs` DataFrame) -> rows `{row, n, <metric>_mean, <metric>_std, guidance, steps}`.
+    """Runs (a `mlflow.search_runs` DataFrame) -> rows `{row, clip, role, n, <metric>_mean, <metric>_std,
+    <metric>_n, guidance, steps, space}`, grouped by (clip, row), clips in order of appearance.
 
     Metrics absent from every run of a row (e.g. PSNR in restore mode, LPIPS) are NaN in that row.
     """
     if runs_df is None or len(runs_df) == 0:
         return []
     records = runs_df.to_dict("records")
-    groups: dict[str, list[dict]] = {}
-    for run in records:
-        groups.setdefault(row_key(run), []).append(run)
+    groups: dict[tuple, list[dict]] = {}
+    clips: list[str] = []
+    for run in sorted(records, key=lambda r: str(r.get("start_time", ""))):
+        clip = run.get(f"tags.{CLIP_TAG}")
+        clip = clip if isinstance(clip, str) and clip else ""
+        if clip not in clips:
+            clips.append(clip)
+        groups.setdefault((clip, row_key(run)), []).append(run)
     rows = []
-    for key in sorted(groups, key=_order):
-        runs = groups[key]
-        row = {"row": key, "n": len(runs)}
+    for clip, key in sorted(groups, key=lambda ck: (clips.index(ck[0]), _order(ck[1]))):
+        runs = groups[(clip, key)]
+        role = {str(r.get(f"tags.{CLIP_ROLE_TAG}")) for r in runs if isinstance(r.get(f"tags.{CLIP_ROLE_TAG}"), str)}
+        row = {"row": key, "clip": clip, "role": role.pop() if len(role) == 1 else "", "n": len(runs)}
         for metric in METRICS + OPTIONAL_METRICS:
             values = np.array([float(r.get(f"metrics.{metric}", float("nan"))) for r in runs], dtype=float)
             values = values[~np.isnan(values)]
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{metric}_std"] = _std(values) if len(values) else float("nan")
-        for param in ("guidance", "steps", "method", "model"):
+            row[f"{metric}_n"] = len(values)
+        for param, name in (("guidance", "guidance"), ("steps", "steps"), ("method", "method"), ("model", "model"),
+                            ("guidance_space", "space")):
             vals = {str(r.get(f"params.{param}")) for r in runs if r.get(f"params.{param}") is not None}
-            row[param] = vals.pop() if len(vals) == 1 else None
+            row[name] = vals.pop() if len(vals) == 1 else None
         row["run_ids"] = [r["run_id"] for r in runs]
         rows.append(row)
     return rows
 
 
 def present_metrics(rows: list[dict]) -> list[str]:
-    """The metric columns worth printing: the fixed six, then optional ones that some row has."""
-    cols = list(METRICS)
-    for metric in OPTIONAL_METRICS:
-        if any(not math.isnan(r[f"{metric}_mean"]) for r in rows):
-            cols.append(metric)
-    return cols
+    """The metric columns worth printing: the fixed six and the optional ones some row has (exact-flow warping errors
+    after the estimated ones, sharpness after PSNR/SSIM)."""
+    order = METRICS[:4] + EXACT_METRICS + METRICS[4:] + SHARPNESS_METRICS + ("hole_psnr", "lpips")
+    return [m for m in order if m in METRICS or any(not math.isnan(r[f"{m}_mean"]) for r in rows)]
 
 
 def fmt(value: float) -> str:
@@ -127,6 +152,7 @@ def fmt(value: float) -> str:
 
 
 def cell(row: dict, metric: str) -> str:
+    """`mean ± std`; the std is "–" when only one run has the metric (n = 1)."""
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
     if math.isnan(mean):
         return "–"
@@ -134,11 +160,28 @@ def cell(row: dict, metric: str) -> str:
 
 
 def footnotes(rows: list[dict]) -> list[str]:
-    notes = ["mean ± sample std (ddof=1) over seeds; n = runs per row. WE = self-warping error (mean squared difference "
-             "of frame j warped onto the first / previous frame, valid pixels; pixel space in [0,1] RGB)."]
+    notes = ["mean ± sample std (ddof=1) over seeds (– when n = 1); n = runs per row. WE = self-warping error (mean "
+             "squared difference of frame j warped onto the first / previous frame, valid pixels; pixel space in [0,1] "
+             "RGB), against the flow estimated on the input (DIS, what the guidance uses) and, marked (exact), against "
+             "the clip's exact motion."]
+    if any(r["row"] == TRUTH_ROW for r in rows):
+        notes.append(f"`{TRUTH_ROW}`: the ground-truth clip itself scored against each flow, the warping error a "
+                     "perfect restoration would get (the exact-flow floor is what interpolation of the rendered "
+                     "frames leaves); `input: …` rows: the model's input scored like a method (deterministic for SR: "
+                     "n = 1).")
+    if any(not math.isnan(r["grad_ratio_mean"]) for r in rows):
+        notes.append("grad ratio: mean gradient magnitude over the truth's (1 = as sharp; < 1 blurrier, which PSNR "
+                     "rewards). blockiness: mean |pixel difference| across 8-px cell borders over the mean elsewhere, "
+                     "restored over truth (1 = no block artefacts). noise σ (NR): no-reference noise level (Immerkær 1996: "
+                     "the std of white noise explaining the frames' response to a Laplacian-difference mask, [0, 1] "
+                     "scale); compare with the truth row's own level: above it = grain/diffusion noise, below = blur.")
     if all(math.isnan(r["lpips_mean"]) for r in rows):
         notes.append(LPIPS_FOOTNOTE)
     return notes
+
+
+def clip_title(row: dict) -> str:
+    return f"clip {row['clip']}" + (f" ({row['role']})" if row.get("role") else "")
 
 
 def render(rows: list[dict], fmt_name: str = "md", title: str | None = None) -> str:
@@ -149,16 +192,17 @@ def render(rows: list[dict], fmt_name: str = "md", title: str | None = None) -> 
 
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["row", "n"] + [f"{m}_{s}" for m in cols for s in ("mean", "std")])
+        writer.writerow(["clip", "role", "row", "n"] + [f"{m}_{s}" for m in cols for s in ("mean", "std")])
         for r in rows:
-            writer.writerow([r["row"], r["n"]] + [repr(r[f"{m}_{s}"]) for m in cols for s in ("mean", "std")])
+            writer.writerow([r.get("clip", ""), r.get("role", ""), r["row"], r["n"]]
+                            + [repr(r[f"{m}_{s}"]) for m in cols for s in ("mean", "std")])
         return buf.getvalue()
     if fmt_name == "html":
         import html
 
         head = "".join(f"<th>{html.escape(HEADERS[m])}</th>" for m in cols)
         body = "".join(
-            f"<tr><td>{html.escape(r['row'])}</td><td>{r['n']}</td>"
+            f"<tr><td>{html.escape((r.get('clip') + ': ') if r.get('clip') else '')}{html.escape(r['row'])}</td><td>{r['n']}</td>"
             + "".join(f"<td>{html.escape(cell(r, m))}</td>" for m in cols) + "</tr>\n"
             for r in rows
         )
@@ -169,23 +213,30 @@ def render(rows: list[dict], fmt_name: str = "md", title: str | None = None) -> 
     if fmt_name != "md":
         raise ValueError(f"unknown format {fmt_name!r}; expected md, csv or html")
     lines = [f"### {title}", ""] if title else []
-    lines.append("| method | n | " + " | ".join(HEADERS[m] for m in cols) + " |")
-    lines.append("|---|---:|" + "---:|" * len(cols))
-    for r in rows:
-        lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cell(r, m) for m in cols) + " |")
-    lines.append("")
+    clips = list(dict.fromkeys(r.get("clip", "") for r in rows))
+    for clip in clips:
+        part = [r for r in rows if r.get("clip", "") == clip]
+        if clip:
+            lines += [f"#### {clip_title(part[0])}", ""]
+        lines.append("| method | n | " + " | ".join(HEADERS[m] for m in cols) + " |")
+        lines.append("|---|---:|" + "---:|" * len(cols))
+        for r in part:
+            lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cell(r, m) for m in cols) + " |")
+        lines.append("")
     lines += [f"- {n}" for n in footnotes(rows)]
     return "\n".join(lines) + "\n"
 
 
 def summary_json(rows: list[dict]) -> dict:
-    """`{"<row>": {"warping_error_pixel_first": mean, "warping_error_pixel_prev": …, "psnr": …, "ssim": …}}`."""
-    keys = ("warping_error_pixel_first", "warping_error_pixel_prev", "warping_error_latent_first",
-            "warping_error_latent_prev", "psnr", "ssim")
+    """`{"<row>": {"warping_error_pixel_first": mean, …, "psnr": …, "ssim": …, "n": …}}`; rows of several clips are
+    keyed `<clip>: <row>`."""
+    keys = METRICS + OPTIONAL_METRICS
+    several = len({r.get("clip", "") for r in rows}) > 1
     out = {}
     for r in rows:
-        out[r["row"]] = {k: (None if math.isnan(r[f"{k}_mean"]) else r[f"{k}_mean"]) for k in keys}
-        out[r["row"]]["n"] = r["n"]
+        name = f"{r['clip']}: {r['row']}" if several else r["row"]
+        out[name] = {k: (None if math.isnan(r[f"{k}_mean"]) else r[f"{k}_mean"]) for k in keys}
+        out[name]["n"] = r["n"]
     return out
 
 
@@ -234,7 +285,8 @@ def per_frame_curves(rows: list[dict], client, metric: str = PER_FRAME_METRIC) -
             continue
         steps = sorted(set().union(*series))
         values = np.array([[s.get(k, np.nan) for k in steps] for s in series])
-        curves[r["row"]] = (steps, np.nanmean(values, 0).tolist(),
+        several = len({x.get("clip", "") for x in rows}) > 1
+        curves[f"{r['clip']}: {r['row']}" if several else r["row"]] = (steps, np.nanmean(values, 0).tolist(),
                             (np.nanstd(values, 0, ddof=1) if len(series) > 1 else np.zeros(len(steps))).tolist())
     return curves
 
@@ -268,12 +320,13 @@ def plot_per_frame(curves: dict, title: str) -> bytes:
 
 
 def lambda_series(rows: list[dict], metric: str = "warping_error_pixel_first") -> dict[str, list[tuple]]:
-    """steps -> [(lambda, mean, std)] sorted by lambda, over warped-diffusion rows with a guidance param."""
+    """"<steps>[ <space>]" -> [(lambda, mean, std)] sorted by lambda, over warped-diffusion rows with a guidance param."""
     out: dict[str, list[tuple]] = {}
     for r in rows:
         if r.get("guidance") is None or r.get("method") not in (None, "warped-diffusion"):
             continue
-        out.setdefault(str(r.get("steps")), []).append((float(r["guidance"]), r[f"{metric}_mean"], r[f"{metric}_std"]))
+        label = str(r.get("steps")) + (f" {r['space']}" if r.get("space") else "")
+        out.setdefault(label, []).append((float(r["guidance"]), r[f"{metric}_mean"], r[f"{metric}_std"]))
     return {k: sorted(v) for k, v in out.items() if len({g for g, _, _ in v}) > 1}
 
 
@@ -285,9 +338,9 @@ def plot_vs_lambda(series: dict, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for steps, pts in sorted(series.items(), key=lambda kv: float(kv[0]) if kv[0] not in ("None",) else 0):
+    for steps, pts in sorted(series.items(), key=lambda kv: (float(kv[0].split()[0]) if kv[0].split()[0] != "None" else 0, kv[0])):
         g, m, s = (np.array(v) for v in zip(*pts))
-        ax.errorbar(g, m, yerr=s, marker="o", capsize=3, label=f"{steps} steps")
+        ax.errorbar(g, m, yerr=np.nan_to_num(s), marker="o", capsize=3, label=f"{steps.replace(' ', ' steps, ', 1) if ' ' in steps else steps + ' steps'}")
     ax.set_xlabel("self-guidance strength λ")
     ax.set_ylabel("warping error w.r.t. first frame (pixel)")
     ax.set_title(title)

@@ -1,31 +1,38 @@
 """The paper's comparisons as MLflow experiments: one parent run per experiment, one nested run per configuration.
 
+    guidance-sweep  warped-diffusion, lambda x steps x guidance space (pixel/latent), SR, on the TUNING clip; picks
+                    (choose_tuning) and writes work_root/experiments/tuning.json
+    video-sr        (Table 3) SR of the REPORT clips, every method, with the sweep's lambda/steps/space; DIS flow
     shift-inpaint   (Table 2) a still photo translated by a known whole number of pixels per frame, inpainted with
-                    a fixed mask; every method x {GP-trained, white-noise-trained} model; exact flow (`shift:DX,DY`)
-    video-sr        (Table 3) 8x super-resolution of a video (default: the embedded clip), estimated flow (DIS),
-                    every method, 100 steps, lambda = 2 (what guidance-sweep picks for pixel-space guidance; the
-                    paper likewise raises the step count for guidance, App. F.3)
-    guidance-sweep  warped-diffusion, lambda in {0, 0.25, 0.5, 1, 2} x steps in {25, 50, 100}, 8x SR
+                    a fixed mask; every method x {GP, white-noise} model; exact flow (`shift:DX,DY`)
+    all             the three in that order (`make experiments`; `--update-doc EXPERIMENTS.md` writes the tables)
 
-`--seeds N` repeats every configuration with seeds 0..N-1 (mean ± std in `restore-video compare`). Sampling runs
-in-process (`executor="inline"`, one model load per process); every stage is cached, so an interrupted
-experiment resumes and methods share their flow, encoding and noise artifacts.
+Clips are storage/sample.py's pan + zoom over held-out photographs (scikit-image `rocket` to tune, `coffee` and
+`motorcycle_right` to report), so their exact motion is known; a photograph on any model card's training list is
+refused (`check_held_out`). Every run is scored here (`score`) against the estimated flow (the pipeline's warping
+errors) and the exact one (`*_exact`), with PSNR, SSIM, grad_ratio, blockiness and a no-reference noise level;
+the input itself (bicubic xS with / without back-projection; Telea for inpainting) and the ground truth (the floor
+of every warping error) are scored by the same function as rows of their own. Methods map to models in one place,
+`model_for`: white-noise baselines (`integral`) always run with the white-noise model, as in the paper.
+
+`--seeds N` (default 3) repeats every configuration with seeds 0..N-1 (mean ± std in `restore-video compare`).
+Sampling runs in-process (`executor="inline"`, one model load per process); every stage is cached, so an
+interrupted experiment resumes and methods share their flow, encoding and noise artifacts.
 
 Shift-inpaint, as in the paper (Sec. 5.1, Fig. 1/3): the *masked* still image is shifted by a whole number of
 latent pixels per frame, so the hole moves with the content and an equivariant restorer gives an exactly
-shifted output. Photo: `skimage.data.coffee()` (held out from the embedded models' training, see DESIGN),
-downscaled by 2 to 300x200; a 128x128 window panning SHIFT_PX = 8 px (one latent pixel) per frame, so every
-noise warp except fixed/resample is exact and the gap between gp and warped-diffusion is self-guidance alone
-(paper: "the benefit strictly comes from enforcing the equivariance property"). The hole is a rectangle
-attached to the scene (position drawn from the seed), written with the clip as lossless FFV1 video. Because the
-pipeline's benchmark mode draws a mask fixed in the frame, these runs use restore mode with the truth clip +
-mask video, and PSNR/SSIM/hole PSNR against the truth are computed here from the decoded frames and logged to
-the same MLflow run. 128x128 rather than 256x256 keeps the 14-run grid within CPU minutes.
+shifted output. Photo: `skimage.data.coffee()` (held out of the embedded models' training), downscaled by 2 to
+300x200; a 128x128 window panning SHIFT_PX = 8 px (one latent pixel) per frame, so every noise warp except
+fixed/resample is exact and the gap between gp and warped-diffusion is self-guidance alone (paper: "the benefit
+strictly comes from enforcing the equivariance property"). The hole is a rectangle attached to the scene
+(position drawn from the seed), written with the clip as lossless FFV1 video. These runs use restore mode with
+the truth clip + mask video; the truth metrics are computed here from the decoded frames.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -37,16 +44,137 @@ from prefect import flow
 from flows.config import DEFAULT_WORK_ROOT, METHODS
 
 EXPERIMENTS = ("shift-inpaint", "video-sr", "guidance-sweep")
+ALL = "all"  # guidance-sweep (tunes on the tuning clip), then video-sr (reports on the report clips), then shift-inpaint
 SHIFT_PX = (8, 0)  # (dx, dy) pixels per frame of the shift-inpaint clip: one latent pixel
 SHIFT_SIZE = 128
 SHIFT_FRAMES = 8
-INPAINT_MODELS = ("inpaint-gp", "inpaint-white")
+SHIFT_IMAGE = "coffee"  # held out of every shipped model's training (checked against the cards, `check_held_out`)
+NOISES = ("gp", "white")
+WHITE_ONLY = ("integral",)  # How I Warped Your Noise is white noise by construction: run with the white-noise model
 LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0)
 SWEEP_STEPS = (25, 50, 100)
-SWEEP_FRAMES = 8  # guidance-sweep uses the first 8 frames of the clip (15 configurations)
+SWEEP_SPACES = ("pixel", "latent")
+SWEEP_FRAMES = 8  # guidance-sweep uses 8-frame clips (30 configurations x seeds)
+CLIP_FRAMES = 16
+CLIP_SIZE = 256
+TUNE_IMAGE = "rocket"  # the guidance-sweep's clip: lambda, steps and guidance space are chosen here ...
+REPORT_IMAGES = ("coffee", "motorcycle_right")  # ... and video-sr reports on these (all held out of training)
+DEFAULT_SEEDS = 3
 DEFAULT_STEPS = 50
-VIDEO_SR_STEPS = 100  # guidance needs steps to act (each step is one guided correction); gp etc. get the same
+VIDEO_SR_STEPS = 100  # untuned defaults (no guidance-sweep run yet): guidance needs steps to act
 VIDEO_SR_GUIDANCE = 2.0
+VIDEO_SR_SPACE = "auto"
+PSNR_SLACK_DB = 0.5  # the sweep's pick may cost at most this much PSNR against lambda = 0 at the same steps/space
+INPUT_ROW = "input"  # rows of the input itself (prefix); TRUTH_ROW: the ground truth scored against the flows
+TRUTH_ROW = "truth (floor)"
+CLIP_TAG = "restore_video.clip"
+ROLE_TAG = "restore_video.clip_role"
+
+
+def model_for(task: str, method: str, noise: str = "gp") -> str:
+    """The embedded model a (task, method) runs with: the `noise` model, but white-noise baselines (WHITE_ONLY)
+    always with the white-noise model, as in the paper. The one place methods are mapped to models."""
+    if noise not in NOISES:
+        raise ValueError(f"unknown noise {noise!r}; expected one of {', '.join(NOISES)}")
+    return f"{task}-{'white' if method in WHITE_ONLY else noise}"
+
+
+def method_row(method: str, model: str) -> str:
+    """Table row of a method run: `<method>/white` when it ran with a white-noise model."""
+    return f"{method}/white" if model.endswith("white") else method
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clips: held-out photographs with known motion
+
+
+@dataclass
+class Clip:
+    """A synthetic clip with known motion: `kind` "pan" (storage.sample's pan + zoom, `seed`) or "shift"."""
+
+    path: str
+    image: str
+    role: str  # "tuning" | "report"
+    kind: str = "pan"
+    frames: int = CLIP_FRAMES
+    size: int = CLIP_SIZE
+    seed: int = 0
+
+    def exact_forward(self, height: int, width: int):
+        """The exact forward flows (F-1, H, W, 2) float64 of the rendered motion."""
+        import torch
+
+        from ops import flow as flowops
+
+        if self.kind == "shift":
+            fwd, _ = flowops.synthetic_flows(height, width, self.frames, flowops.translation_matrix(*SHIFT_PX))
+            return fwd
+        from storage.sample import sample_clip_affines, true_forward_flow
+
+        return torch.from_numpy(true_forward_flow(sample_clip_affines(self.frames, self.size, self.seed), height, width)).double()
+
+
+def _image_name(image: str) -> str:
+    return os.path.splitext(os.path.basename(image))[0]
+
+
+def training_images(models_root=None) -> dict[str, set[str]]:
+    """Model name -> the images its card says it was trained on: every name in a list under a key containing
+    "train" anywhere in the card's `data` (`data.train`, `data.photographs.train`, ...; `skimage:` prefixes and
+    file extensions dropped)."""
+    from pathlib import Path
+
+    from flows.config import PROJECT_ROOT
+
+    def listed(node, under_train: bool) -> set[str]:  # every name in a list under a key containing "train"
+        if isinstance(node, dict):
+            return set().union(*(listed(v, under_train or "train" in str(k).lower()) for k, v in node.items()))
+        if isinstance(node, (list, tuple)) and under_train:
+            return {_image_name(str(v).split(":")[-1]) for v in node if isinstance(v, str)}
+        return set()
+
+    root = Path(models_root) if models_root else PROJECT_ROOT / "assets" / "models"
+    return {p.parent.name: listed(json.loads(p.read_text()).get("data") or {}, False)
+            for p in sorted(root.glob("*/card.json"))}
+
+
+def check_held_out(image: str, models_root=None) -> None:
+    """Refuse a clip rendered from a photograph any shipped model was trained on (its card's training list)."""
+    name = _image_name(image)
+    seen = sorted(m for m, names in training_images(models_root).items() if name in names)
+    if seen:
+        raise ValueError(f"image {name!r} is a training image of {', '.join(seen)} (assets/models/*/card.json); "
+                         "experiments must report on held-out photographs: pick another --report-images/--tune-image")
+
+
+def load_photo(image: str):
+    """A photograph -> (H, W, 3) uint8: a file path, or the name of a scikit-image picture (e.g. rocket)."""
+    import numpy as np
+
+    if os.path.exists(image):
+        import imageio.v3 as iio
+
+        img = iio.imread(image)
+        img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+        return img if img.dtype == np.uint8 else (img / img.max() * 255).astype(np.uint8)
+    from storage.models import skimage_image
+
+    return (skimage_image(image).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # (H, W, 3)
+
+
+def make_clip(image: str, role: str, work_root: str, frames: int = CLIP_FRAMES, size: int | None = None,
+              models_root=None) -> Clip:
+    """storage.sample's pan + zoom over a held-out photograph (refused if any card trained on it), lossless."""
+    from storage.sample import make_sample_clip
+
+    check_held_out(image, models_root)
+    size = size or CLIP_SIZE
+    clip = Clip(path=f"{work_root.rstrip('/')}/experiments/clips/{_slug(_image_name(image))}_{size}_{frames}f.mkv",
+                image=_image_name(image), role=role, frames=frames, size=size)
+    if not os.path.exists(clip.path):
+        os.makedirs(os.path.dirname(clip.path), exist_ok=True)
+        make_sample_clip(clip.path, frames, size, clip.seed, image=load_photo(image))
+    return clip
 
 
 @dataclass
@@ -56,20 +184,16 @@ class RunSpec:
     row: str
     config: dict
     tags: dict = field(default_factory=dict)
+    clip: object = None  # the Clip it runs on
 
 
 def _photo(image: str | None = None):
-    """The still image: `image` (a path/URL readable by imageio) or skimage's coffee downscaled by 2 -> (H, W, 3) uint8."""
+    """The still image: `image` (a path or scikit-image name) or SHIFT_IMAGE downscaled by 2 -> (H, W, 3) uint8."""
     import cv2
 
+    img = load_photo(image or SHIFT_IMAGE)
     if image:
-        import imageio.v3 as iio
-
-        img = iio.imread(image)[..., :3]
-        return img if img.dtype == "uint8" else (img / img.max() * 255).astype("uint8")
-    from skimage import data
-
-    img = data.coffee()  # (400, 600, 3) uint8
+        return img
     return cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)  # (200, 300, 3)
 
 
@@ -133,48 +257,62 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
 
 
-def experiment_grid(name: str, input: str, frames: int | None = None, steps: int | None = None, seeds: int = 1,
-                    work_root: str = DEFAULT_WORK_ROOT, shift=SHIFT_PX, guidance: float | None = None) -> list[RunSpec]:
-    """Every configuration of experiment `name` on clip `input` (pure: builds dicts, runs nothing).
+def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEFAULT_SEEDS,
+                    work_root: str = DEFAULT_WORK_ROOT, guidance: float | None = None, space: str | None = None,
+                    frames: int | None = None, task: str = "sr8") -> list[RunSpec]:
+    """Every configuration of experiment `name` on `clips` (Clip objects, or one video path) (pure: builds dicts).
 
-    steps / guidance override the experiment's defaults (guidance: warped-diffusion's lambda; the sweep has its own).
+    steps / guidance / space override the experiment's defaults (warped-diffusion's lambda and guidance space; the
+    sweep has its own grid). Methods run with `model_for(task, method)`; shift-inpaint with both noises.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise ValueError("--seeds must be >= 1")
-    out_root = f"{work_root.rstrip('/')}/experiments/{name}"
-    frame_range = f"0:{frames}" if frames else None
     if guidance is not None and not (0 <= guidance <= 100):
         raise ValueError(f"--guidance must be in [0, 100], got {guidance}")
-    base = dict(input=input, mode="benchmark", executor="inline", work_root=work_root, frames=frame_range,
+    if isinstance(clips, (str, Clip)):
+        clips = [clips]
+    clips = [c if isinstance(c, Clip) else Clip(path=c, image=_image_name(c), role="report", kind="video") for c in clips]
+    out_root = f"{work_root.rstrip('/')}/experiments/{name}"
+    base = dict(mode="benchmark", executor="inline", work_root=work_root,
                 steps=steps or (VIDEO_SR_STEPS if name == "video-sr" else DEFAULT_STEPS))
     lam = guidance if guidance is not None else (VIDEO_SR_GUIDANCE if name == "video-sr" else 1.0)
+    space = space or (VIDEO_SR_SPACE if name == "video-sr" else "auto")
     cells: list[tuple[str, dict]] = []
     if name == "shift-inpaint":
-        for model in INPAINT_MODELS:
+        for noise in NOISES:
             for method in METHODS:
-                row = f"{method}/white" if model.endswith("white") else method
-                cells.append((row, dict(task="inpaint", mode="restore", method=method, model=model, guidance=lam,
-                                        flow_backend=f"shift:{shift[0]},{shift[1]}")))
+                if method in WHITE_ONLY and noise != "white":
+                    continue  # runs once, with the white-noise model
+                model = model_for("inpaint", method, noise)
+                cells.append((method_row(method, model), dict(
+                    task="inpaint", mode="restore", method=method, model=model, guidance=lam, guidance_space=space,
+                    flow_backend=f"shift:{SHIFT_PX[0]},{SHIFT_PX[1]}")))
     elif name == "video-sr":
         for method in METHODS:
-            cells.append((method, dict(task="sr8", method=method, flow_backend="dis", guidance=lam)))
+            model = model_for(task, method)
+            cells.append((method_row(method, model), dict(task=task, method=method, model=model, flow_backend="dis",
+                                                          guidance=lam, guidance_space=space)))
     else:
-        if frames is None:
-            base["frames"] = f"0:{SWEEP_FRAMES}"
         for n_steps in ((steps,) if steps else SWEEP_STEPS):
-            for lam in LAMBDAS:
-                cells.append((f"λ={lam:g} steps={n_steps}",
-                              dict(task="sr8", method="warped-diffusion", guidance=lam, steps=n_steps, flow_backend="dis")))
+            for sp in ((space,) if space != "auto" else SWEEP_SPACES):
+                for lam in LAMBDAS:
+                    cells.append((f"λ={lam:g} steps={n_steps} space={sp}",
+                                  dict(task=task, method="warped-diffusion", model=model_for(task, "warped-diffusion"),
+                                       guidance=lam, steps=n_steps, guidance_space=sp, flow_backend="dis")))
     specs = []
-    for row, cfg in cells:
-        for seed in range(seeds):
-            config = {**base, **cfg, "seed": seed, "out": f"{out_root}/{_slug(row)}/seed{seed}"}
-            if name == "shift-inpaint":
-                config["mask"] = mask_path(input, seed)
-            specs.append(RunSpec(row=row, config=config, tags={"restore_video.row": row, "restore_video.experiment": name,
-                                                               "seed": seed}))
+    for clip in clips:
+        for row, cfg in cells:
+            for seed in range(seeds):
+                config = {**base, **cfg, "input": clip.path, "seed": seed,
+                          "frames": f"0:{frames}" if frames and clip.kind == "video" else None,
+                          "out": f"{out_root}/{_slug(clip.image)}/{_slug(row)}/seed{seed}"}
+                if name == "shift-inpaint":
+                    config["mask"] = mask_path(clip.path, seed)
+                specs.append(RunSpec(row=row, config=config, clip=clip, tags={
+                    "restore_video.row": row, "restore_video.experiment": name, "seed": seed,
+                    CLIP_TAG: clip.image, ROLE_TAG: clip.role}))
     return specs
 
 
@@ -198,51 +336,264 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
-def prepare_input(name: str, input: str | None, work_root: str, frames: int | None, seeds: int) -> str:
-    """The experiment's clip. shift-inpaint: the panned still (`input` = an image, default coffee) and its hole
-    videos, made under work_root; the others: `input` or the embedded sample clip."""
+def prepare_clips(name: str, input: str | None, work_root: str, frames: int | None, seeds: int,
+                  tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES, models_root=None) -> list[Clip]:
+    """The experiment's clips. shift-inpaint: the panned still (`input` = an image, default SHIFT_IMAGE) and its
+    hole videos; guidance-sweep: the tuning clip; video-sr: the report clips. `input` = a video replaces the
+    rendered clips (no exact flow then)."""
     if name == "shift-inpaint":
         n = frames or SHIFT_FRAMES
-        stem = _slug(os.path.splitext(os.path.basename(input))[0]) if input else "coffee"
+        image = input or SHIFT_IMAGE
+        check_held_out(image, models_root)
+        stem = _slug(_image_name(image))
         path = f"{work_root.rstrip('/')}/experiments/shift-inpaint/{stem}_{SHIFT_SIZE}_shift{SHIFT_PX[0]}x{SHIFT_PX[1]}_{n}f.mkv"
         missing = [s for s in range(seeds) if not os.path.exists(mask_path(path, s))]
         if not os.path.exists(path) or missing:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             make_shift_clip(path, frames=n, image=input, mask_seeds=range(seeds))
-        return path
+        return [Clip(path=path, image=_image_name(image), role="report", kind="shift", frames=n, size=SHIFT_SIZE)]
     if input:
-        return input
-    from flows.restore_video import ensure_sample_clip
+        return [Clip(path=input, image=_image_name(input), role="report", kind="video")]
+    if name == "guidance-sweep":
+        return [make_clip(tune_image, "tuning", work_root, frames or SWEEP_FRAMES, models_root=models_root)]
+    return [make_clip(image, "report", work_root, frames or CLIP_FRAMES, models_root=models_root) for image in report_images]
 
-    return ensure_sample_clip()
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring: every row (methods, the input, the truth) through the same metrics, against the estimated and exact flow
 
 
-def truth_metrics(report: dict, cfg, truth_url: str) -> dict:
-    """PSNR/SSIM per frame and hole PSNR of the decoded frames against the truth clip (restore-mode runs)."""
+def _float(frames):
+    import numpy as np
     import torch
 
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).double() / 255.0  # (F, 3, H, W)
+
+
+def score(frames, truth=None, est=None, exact=None, latents=None, factor: int = 8, hole=None) -> dict:
+    """One row's metrics -> {name: float}.
+
+    frames, truth: (F, 3, H, W) in [0, 1] (truth None: no PSNR/SSIM/grad_ratio/blockiness); est: the flow stage's
+    dataset (forward/valid/latent_forward/latent_valid, on the padded grid); exact: (F-1, Hp, Wp, 2) exact forward
+    flows on the padded grid (None: unknown); latents: (F, C, Hp/f, Wp/f); hole: (F, H, W) bool (hole PSNR).
+    Warping errors against the estimated flow keep the pipeline's names; against the exact flow they end in _exact.
+    """
+    import torch
+
+    from ops import flow as flowops
     from ops import metrics
+
+    f, _, h, w = frames.shape
+    out = {"noise_sigma": metrics.noise_sigma(frames)}  # no-reference: the truth row gets the source's own level
+    flows = {}
+    if est is not None:
+        flows[""] = (torch.from_numpy(est["forward"].values), torch.from_numpy(est["valid"].values),
+                     torch.from_numpy(est["latent_forward"].values), torch.from_numpy(est["latent_valid"].values))
+    if exact is not None:
+        exact = exact.float()
+        flows["_exact"] = (exact, None, flowops.pixel_to_latent_flow(exact, factor), None)
+    for suffix, (fwd, valid, lfwd, lvalid) in flows.items():
+        for ref in ("first", "prev"):
+            v = None if valid is None else valid[:, :h, :w]
+            out[f"warping_error_pixel_{ref}{suffix}"] = metrics.summarize(
+                metrics.warping_error(frames, fwd[:, :h, :w], v, ref))
+            if latents is not None:
+                z = torch.as_tensor(latents).double()
+                out[f"warping_error_latent_{ref}{suffix}"] = metrics.summarize(
+                    metrics.warping_error(z, lfwd, lvalid, ref))
+    if truth is not None:
+        out["psnr"] = float(metrics.psnr(frames, truth).mean())
+        out["ssim"] = float(metrics.ssim(frames, truth).mean())
+        out["grad_ratio"] = metrics.grad_ratio(frames, truth)
+        out["blockiness"] = metrics.blockiness(frames, truth, factor)
+        if hole is not None and hole.any():
+            holes = torch.as_tensor(hole).bool()[:, None].expand_as(frames)
+            out["hole_psnr"] = float(10 * torch.log10(1 / ((frames - truth)[holes] ** 2).mean().clamp_min(1e-20)))
+    return out
+
+
+def run_outputs(report: dict, cfg, clip: Clip) -> dict:
+    """What a finished run left in the store: restored frames, prepared data, flows, latents, and the truth."""
     from storage.video import read_video
     from tasks._stage import store_for
 
     store = store_for(cfg.work_root, cfg.storage_options)
-    restored = store.open("decode", report["keys"]["decode"])["frames"].values  # (F, H, W, 3) uint8
-    hole = store.open("prepare", report["keys"]["prepare"])["mask"].values  # (F, H', W') 1 = hole
-    truth, _ = read_video(truth_url)
-    start, _ = cfg.frame_range
-    f, h, w = restored.shape[:3]
-    as_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).double() / 255.0  # (F, 3, H, W)
-    x, t = as_float(restored), as_float(truth[start: start + f, :h, :w])
-    holes = torch.from_numpy(hole[:, :h, :w]).bool()[:, None].expand_as(x)
-    psnr, ssim = metrics.psnr(x, t), metrics.ssim(x, t)
-    hole_mse = ((x - t)[holes] ** 2).mean().clamp_min(1e-20)
-    return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "hole_psnr": float(10 * torch.log10(1 / hole_mse)),
-            "per_frame_psnr": psnr.tolist(), "per_frame_ssim": ssim.tolist()}
+    keys = report["keys"]
+    prepared = store.open("prepare", keys["prepare"]).load()
+    out = {"frames": store.open("decode", keys["decode"])["frames"].values,  # (F, H, W, 3) uint8, cropped
+           "prepared": prepared, "flows": store.open("estimate_flow", keys["estimate_flow"]).load(),
+           "latents": store.open("sample", keys["sample"])["latents"].values, "prepare_key": keys["prepare"]}
+    if "truth" in prepared:
+        out["truth"] = prepared["truth"].values  # (F, Hp, Wp, 3), padded
+    else:  # restore mode on our own clip (shift-inpaint): the clip is the truth
+        start, _ = cfg.frame_range
+        truth, _ = read_video(clip.path)
+        f = out["frames"].shape[0]
+        hp, wp = prepared["cond"].shape[1:3]
+        out["truth"] = _pad(truth[start: start + f], hp, wp)
+    return out
+
+
+def _pad(frames, hp: int, wp: int):
+    import numpy as np
+
+    return np.pad(frames, ((0, 0), (0, hp - frames.shape[1]), (0, wp - frames.shape[2]), (0, 0)), mode="reflect")
+
+
+def score_run(outputs: dict, clip: Clip, factor: int) -> dict:
+    """A method run's row metrics (same function as the input rows)."""
+    frames = _float(outputs["frames"])
+    f, _, h, w = frames.shape
+    hp, wp = outputs["truth"].shape[1:3]
+    mask = outputs["prepared"]["mask"].values[:, :h, :w] > 0 if "mask" in outputs["prepared"] else None
+    exact = clip.exact_forward(hp, wp) if clip.kind != "video" else None
+    return score(frames, _float(outputs["truth"][:, :h, :w]), outputs["flows"], exact, outputs["latents"], factor, mask)
+
+
+def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) -> dict[str, dict]:
+    """The input itself and the ground truth, scored like a method: row -> metrics.
+
+    SR (scale read off the prepared data): bicubic xS (the model's conditioning), and bicubic + iterative
+    back-projection; inpainting: the masked input filled by OpenCV Telea. The truth row is the floor of every
+    warping error (what a perfect restoration scores) against each flow.
+    """
+    import torch
+
+    from ops import degrade
+    from ops.training import telea_inpaint
+
+    prepared = outputs["prepared"]
+    h, w = outputs["frames"].shape[1:3]
+    truth = _float(outputs["truth"])  # (F, 3, Hp, Wp)
+    cond = _float(prepared["cond"].values)
+    rows = {}
+    if "mask" in prepared:
+        mask = torch.from_numpy(prepared["mask"].values)[:, None].float()  # (F, 1, Hp, Wp)
+        rows[f"{INPUT_ROW}: Telea"] = telea_inpaint(cond.float(), mask).double()
+        hole = prepared["mask"].values[:, :h, :w] > 0
+    else:
+        low = _float(prepared["input"].values)
+        scale = cond.shape[-1] // low.shape[-1]
+        rows[f"{INPUT_ROW}: bicubic ×{scale}"] = cond
+        rows[f"{INPUT_ROW}: bicubic ×{scale} + back-projection"] = degrade.back_project(
+            degrade.upsample(low.float(), scale), low.float(), scale).double()
+        hole = None
+    if with_truth:
+        rows[TRUTH_ROW] = truth
+    exact = clip.exact_forward(*truth.shape[-2:]) if clip.kind != "video" else None
+    out = {}
+    with torch.no_grad():
+        for row, x in rows.items():
+            z = autoencoder.encode(x.float()).double()  # (F, C, Hp/f, Wp/f)
+            t = None if row == TRUTH_ROW else truth[..., :h, :w]
+            out[row] = score(x[..., :h, :w].clamp(0, 1), t, outputs["flows"], exact, z, int(autoencoder.factor), hole)
+    return out
+
+
+def input_digest(outputs: dict) -> str:
+    """Identity of a run's input (conditioning frames and mask): SR inputs do not depend on the seed."""
+    import hashlib
+
+    prepared = outputs["prepared"]
+    h = hashlib.sha256(prepared["cond"].values.tobytes())
+    if "mask" in prepared:
+        h.update(prepared["mask"].values.tobytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _autoencoder(model_name: str):
+    from storage.models import load_model
+
+    return load_model(model_name).autoencoder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuning: the sweep's pick, used by video-sr
+
+
+def tuning_path(work_root: str) -> str:
+    return f"{work_root.rstrip('/')}/experiments/tuning.json"
+
+
+def choose_tuning(rows: list[dict], slack_db: float = PSNR_SLACK_DB) -> dict:
+    """The sweep's pick: the lowest first-frame pixel warping error (exact flow when known, else estimated) among
+    configurations whose PSNR is at most `slack_db` below lambda = 0 at the same steps and space (guidance must not
+    buy consistency with blur) -> {guidance, steps, guidance_space, criterion}."""
+    import math
+
+    def we(r):
+        v = r.get("warping_error_pixel_first_exact_mean", float("nan"))
+        return r["warping_error_pixel_first_mean"] if math.isnan(v) else v
+
+    base = {(r["steps"], r["space"]): r["psnr_mean"] for r in rows if r.get("guidance") is not None and float(r["guidance"]) == 0}
+    ok = [r for r in rows if r.get("guidance") is not None and not math.isnan(we(r))
+          and not (r["psnr_mean"] < base.get((r["steps"], r["space"]), -math.inf) - slack_db)]
+    if not ok:
+        raise ValueError("the guidance sweep has no finished configuration to choose from")
+    best = min(ok, key=lambda r: (we(r), -float(r["guidance"])))
+    return {"guidance": float(best["guidance"]), "steps": int(best["steps"]), "guidance_space": best["space"],
+            "row": best["row"], "warping_error_pixel_first": we(best), "psnr": best["psnr_mean"],
+            "criterion": f"lowest WE pixel first (exact flow) with PSNR >= PSNR(λ=0) - {slack_db:g} dB"}
+
+
+def load_tuning(work_root: str) -> dict | None:
+    path = tuning_path(work_root)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def _restore(cfg, parent_run_id: str) -> dict:
+    """flows.restore_video.restore, imported late (its stages import torch, zarr, the models)."""
+    from flows.restore_video import restore
+
+    return restore(cfg, parent_run_id=parent_run_id)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _log_row_run(name: str, parent_id: str, uri: str, row: str, clip: Clip, seed: int, model: str, scores: dict):
+    """A child run for a row computed here (the input, the truth): tags like a method run, metrics = scores."""
+    import mlflow
+
+    from infra import tracking
+
+    with tracking.start_run(name, f"{row} {clip.image}", parent_run_id=parent_id, uri=uri,
+                            tags={"restore_video.row": row, "restore_video.experiment": name, "seed": str(seed),
+                                  CLIP_TAG: clip.image, ROLE_TAG: clip.role, "model": model}) as run:
+        mlflow.log_params({"input": clip.path, "seed": seed, "autoencoder_of": model})
+        mlflow.log_metrics({k: v for k, v in scores.items() if v == v})
+    return run.info.run_id
 
 
 def run_experiment(name: str, input: str | None = None, frames: int | None = None, steps: int | None = None,
-                   seeds: int = 1, work_root: str | None = None, log=print, guidance: float | None = None) -> dict:
-    """Run every configuration of `name` nested under one parent MLflow run, then log compare's table and plots."""
+                   seeds: int = DEFAULT_SEEDS, work_root: str | None = None, log=print, guidance: float | None = None,
+                   space: str | None = None, tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES,
+                   models_root=None, task: str = "sr8") -> dict:
+    """Run every configuration of `name` nested under one parent MLflow run, score every run (and the input and
+    truth rows) against the estimated and the exact flow, then log compare's table and plots.
+
+    video-sr takes lambda, steps and guidance space from the guidance sweep's tuning.json (made on the tuning clip)
+    unless given; guidance-sweep writes it.
+    """
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from flows import compare
@@ -252,53 +603,97 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
     work_root = work_root or DEFAULT_WORK_ROOT
     if name == "shift-inpaint" and input is None and frames is not None and frames < 8:
         log(f"note: shift-inpaint with {frames} frames; the paper's comparison uses >= 8")
-    clip = prepare_input(name, input, work_root, frames, seeds)
-    specs = experiment_grid(name, clip, None if name == "shift-inpaint" else frames, steps, seeds, work_root,
-                            guidance=guidance)
+    tuning = load_tuning(work_root) if name == "video-sr" else None
+    if tuning:
+        steps = steps or tuning["steps"]
+        guidance = guidance if guidance is not None else tuning["guidance"]
+        space = space or tuning["guidance_space"]
+    tuned_on = (f"{tuning['clip']} (guidance-sweep, {tuning['row']})" if tuning
+                else "untuned defaults (no guidance-sweep run)") if name == "video-sr" else None
+    clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root)
+    specs = experiment_grid(name, clips, steps, seeds, work_root, guidance=guidance, space=space,
+                            frames=frames if input else None, task=task)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
     runs = []
     with _env("RESTORE_VIDEO_EXPERIMENT", name), tracking.start_run(
         name, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
-        tags={compare.ROLE_TAG: "experiment-parent", "git_commit": tracking.git_commit(), "input": clip}, uri=uri,
+        tags={compare.ROLE_TAG: "experiment-parent", "git_commit": tracking.git_commit(),
+              "input": ",".join(c.path for c in clips), "tuned_on": tuned_on or ""}, uri=uri,
     ) as parent:
-        tracking.log_config({"experiment": name, "input": clip, "frames": frames, "steps": specs[0].config["steps"],
-                             "guidance": None if name == "guidance-sweep" else specs[0].config["guidance"], "seeds": seeds,
-                             "configurations": len(specs), "shift_px": list(SHIFT_PX) if name == "shift-inpaint" else None})
+        tracking.log_config({"experiment": name, "clips": {c.image: c.role for c in clips}, "frames": frames,
+                             "steps": specs[0].config["steps"],
+                             "guidance": None if name == "guidance-sweep" else specs[0].config["guidance"],
+                             "guidance_space": None if name == "guidance-sweep" else specs[0].config["guidance_space"],
+                             "seeds": seeds, "configurations": len(specs), "tuned_on": tuned_on,
+                             "shift_px": list(SHIFT_PX) if name == "shift-inpaint" else None})
         client = MlflowClient(tracking_uri=uri)
+        done_inputs: set = set()
         for i, (spec, cfg) in enumerate(zip(specs, configs), 1):
             t = time.perf_counter()
             report = _restore(cfg, parent.info.run_id)
             run_id = report["mlflow_run_id"]
             for k, v in spec.tags.items():
                 client.set_tag(run_id, k, str(v))
-            if cfg.mode == "restore" and "psnr" not in report:  # shift-inpaint: the truth is our own clip
-                scores = truth_metrics(report, cfg, clip)
-                for key in ("psnr", "ssim", "hole_psnr"):
-                    report[key] = scores[key]
-                    client.log_metric(run_id, key, scores[key])
-                tracking.log_series("per_frame_psnr", scores["per_frame_psnr"], run_id=run_id)
-                tracking.log_series("per_frame_ssim", scores["per_frame_ssim"], run_id=run_id)
+            outputs = run_outputs(report, cfg, spec.clip)
+            ae = _autoencoder(cfg.model_name)
+            scores = score_run(outputs, spec.clip, int(ae.factor))
+            stamp = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in scores.items() if v == v])
+            # the input and truth rows: once per distinct input (per seed only where the seed draws the mask)
+            if name != "guidance-sweep" and (spec.clip.image, input_digest(outputs)) not in done_inputs:
+                first = not any(c == spec.clip.image for c, _ in done_inputs)
+                done_inputs.add((spec.clip.image, input_digest(outputs)))
+                for row, row_scores in input_rows(outputs, spec.clip, ae, with_truth=first).items():
+                    _log_row_run(name, parent.info.run_id, uri, row, spec.clip, cfg.seed, cfg.model_name, row_scores)
             seconds = time.perf_counter() - t
-            we = report["warping_error"]
-            log(f"[{i}/{len(specs)}] {spec.row:28s} seed {cfg.seed}  WE pixel first {we['pixel_first']:.3g} prev "
-                f"{we['pixel_prev']:.3g}  PSNR {report.get('psnr', float('nan')):.2f}  SSIM {report.get('ssim', float('nan')):.4f}"
+            log(f"[{i}/{len(specs)}] {spec.clip.image:12s} {spec.row:28s} seed {cfg.seed}  WE pixel first "
+                f"{scores.get('warping_error_pixel_first', float('nan')):.3g} (exact "
+                f"{scores.get('warping_error_pixel_first_exact', float('nan')):.3g})  PSNR {scores.get('psnr', float('nan')):.2f}"
                 f"  ({seconds:.1f} s{', cached' if all(report['cached'].values()) else ''})")
-            runs.append({"row": spec.row, "seed": cfg.seed, "run_id": run_id, "seconds": round(seconds, 2)})
+            runs.append({"row": spec.row, "clip": spec.clip.image, "seed": cfg.seed, "run_id": run_id,
+                         "seconds": round(seconds, 2)})
         import mlflow
 
         mlflow.log_metric("experiment_seconds", time.perf_counter() - t0)
         parent_id = parent.info.run_id
     result = compare.compare(name, uri, "md")
-    return {"experiment": name, "parent_run_id": parent_id, "tracking_uri": uri, "input": clip,
-            "seconds": round(time.perf_counter() - t0, 1), "runs": runs, "rows": result["rows"],
-            "table": result["text"], "artifacts": result["artifacts"], "summary": compare.summary_json(result["rows"])}
+    out = {"experiment": name, "parent_run_id": parent_id, "tracking_uri": uri, "input": clips[0].path,
+           "clips": {c.image: c.role for c in clips}, "tuned_on": tuned_on,
+           "seconds": round(time.perf_counter() - t0, 1), "runs": runs, "rows": result["rows"],
+           "table": result["text"], "artifacts": result["artifacts"], "summary": compare.summary_json(result["rows"])}
+    if name == "guidance-sweep":
+        choice = {**choose_tuning(result["rows"]), "clip": clips[0].image, "parent_run_id": parent_id}
+        os.makedirs(os.path.dirname(tuning_path(work_root)), exist_ok=True)
+        with open(tuning_path(work_root), "w") as f:
+            json.dump(choice, f, indent=2)
+        MlflowClient(tracking_uri=uri).log_dict(parent_id, choice, "compare/tuning.json")
+        out["tuning"] = choice
+        out["table"] += (f"\nPicked on the tuning clip {choice['clip']}: λ = {choice['guidance']:g}, "
+                         f"{choice['steps']} steps, {choice['guidance_space']}-space guidance ({choice['criterion']}).\n")
+    elif tuned_on:
+        out["table"] += f"\nλ, steps and guidance space: {tuned_on}.\n"
+    return out
+
+
+def update_doc(path: str, name: str, text: str) -> None:
+    """Replace experiment `name`'s table in the markdown file `path` (between `<!-- BEGIN experiment:NAME -->` and
+    `<!-- END experiment:NAME -->`; appended as a new section when the markers are missing)."""
+    begin, end = f"<!-- BEGIN experiment:{name} -->", f"<!-- END experiment:{name} -->"
+    doc = open(path).read() if os.path.exists(path) else "# Experiments\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + f"\n\n## {name}\n\n{block}\n"
+    with open(path, "w") as f:
+        f.write(doc)
 
 
 @flow(name="experiments", log_prints=True)
 def experiments(name: str = "video-sr", input: str | None = None, frames: int | None = None, steps: int | None = None,
-                seeds: int = 1, work_root: str | None = None, guidance: float | None = None) -> dict:
+                seeds: int = DEFAULT_SEEDS, work_root: str | None = None, guidance: float | None = None) -> dict:
     """Run one of the paper's comparisons (shift-inpaint, video-sr, guidance-sweep) as nested MLflow runs."""
     result = run_experiment(name, input, frames, steps, seeds, work_root, guidance=guidance)
     print(result["table"])
@@ -306,24 +701,35 @@ def experiments(name: str = "video-sr", input: str | None = None, frames: int | 
 
 
 def experiment_cli(args) -> int:
-    """`restore-video experiment NAME [--input URL] [--frames N] [--steps N] [--guidance L] [--seeds N] [--work-root DIR] [--json]`."""
+    """`restore-video experiment NAME|all [--input URL] [--frames N] [--steps N] [--guidance L] [--guidance-space S]
+    [--seeds N] [--task sr8|sr4] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
-    if args.name not in EXPERIMENTS:
-        print(f"error: unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)}", file=sys.stderr)
+    names = EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
+    if args.name != ALL and args.name not in EXPERIMENTS:
+        print(f"error: unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)} or {ALL}", file=sys.stderr)
         return 2
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    try:
-        result = run_experiment(args.name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log,
-                                guidance=getattr(args, "guidance", None))
-    except (ValueError, ValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report_images = tuple(x for x in (getattr(args, "report_images", None) or ",".join(REPORT_IMAGES)).split(",") if x)
+    summaries = {}
+    for name in names:
+        try:
+            result = run_experiment(name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log,
+                                    guidance=getattr(args, "guidance", None), space=getattr(args, "guidance_space", None),
+                                    tune_image=getattr(args, "tune_image", None) or TUNE_IMAGE, report_images=report_images,
+                                    task=getattr(args, "task", None) or "sr8")
+        except (ValueError, ValidationError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if getattr(args, "update_doc", None):
+            update_doc(args.update_doc, name, result["table"])
+        summaries[name] = result["summary"]
+        if not args.json:
+            print(result["table"], end="")
+            print(f"{name}: {len(result['runs'])} runs in {result['seconds']:.0f} s; parent MLflow run "
+                  f"{result['parent_run_id']} ({result['tracking_uri']}); artifacts {', '.join(result['artifacts'])}")
     if args.json:
-        print(json.dumps({row: {k: v[k] for k in ("warping_error_pixel_first", "warping_error_pixel_prev", "psnr", "ssim")}
-                          for row, v in result["summary"].items()}, indent=2))
-    else:
-        print(result["table"], end="")
-        print(f"{args.name}: {len(result['runs'])} runs in {result['seconds']:.0f} s; parent MLflow run "
-              f"{result['parent_run_id']} ({result['tracking_uri']}); artifacts {', '.join(result['artifacts'])}")
+        keys = ("warping_error_pixel_first", "warping_error_pixel_prev", "psnr", "ssim")
+        out = {name: {row: {k: v[k] for k in keys} for row, v in s.items()} for name, s in summaries.items()}
+        print(json.dumps(out[args.name] if args.name != ALL else out, indent=2))
     return 0

@@ -127,3 +127,43 @@ def seam_ratio(frames: torch.Tensor, rows=(), cols=(), cell: int = 1) -> float:
     if not seams or not others:
         raise ValueError("seam_ratio needs at least one border and one other cell boundary to compare with")
     return float(torch.stack(seams).mean() / torch.stack(others).mean())
+
+
+def grad_ratio(frames: torch.Tensor, truth: torch.Tensor) -> float:
+    """Sharpness against the truth: mean gradient magnitude of `frames` / that of `truth` (both (F, C, H, W)) ->
+    1 when as sharp as the truth, < 1 blurrier (PSNR rewards blur), > 1 noisier or oversharpened."""
+    from .training import mean_gradient
+
+    if frames.shape != truth.shape:
+        raise ValueError(f"grad_ratio needs equal shapes, got {tuple(frames.shape)} and {tuple(truth.shape)}")
+    return float(mean_gradient(frames.double()).mean() / mean_gradient(truth.double()).mean().clamp_min(1e-12))
+
+
+def blockiness(frames: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> float:
+    """Block artefacts against the truth: the mean |horizontal + vertical pixel difference| across `cell`-px cell
+    borders / the mean across all other pixel boundaries (seam_ratio), of `frames` over that of `truth` ->
+    ~1 when no more blocky than the truth (a block-wise latent decoder gives > 1)."""
+    if frames.shape != truth.shape:
+        raise ValueError(f"blockiness needs equal shapes, got {tuple(frames.shape)} and {tuple(truth.shape)}")
+    _check_video("frames", frames)
+    h, w = frames.shape[-2:]
+    borders = dict(rows=range(cell, h, cell), cols=range(cell, w, cell))
+    return seam_ratio(frames, **borders) / seam_ratio(truth, **borders)
+
+
+def noise_sigma(frames: torch.Tensor) -> float:
+    """No-reference noise level (Immerkaer 1996, "Fast noise variance estimation"): the standard deviation of
+    white noise that would explain the frames' response to the Laplacian-difference mask [[1,-2,1],[-2,4,-2],[1,-2,1]]
+    (which cancels locally planar image content), averaged over frames -> sigma on the frames' [0, 1] scale.
+
+    frames: (F, C, H, W); channels are averaged to grey first. Needs no truth, so it applies to real footage: grain
+    or diffusion noise left in a restoration raises it, blur lowers it below the source's own level.
+    """
+    _check_video("frames", frames)
+    grey = frames.double().mean(1, keepdim=True)  # (F, 1, H, W)
+    _, _, h, w = grey.shape
+    if h < 3 or w < 3:
+        raise ValueError(f"noise_sigma needs frames of at least 3x3 pixels, got {w}x{h}")
+    mask = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=torch.float64, device=grey.device)
+    response = nnf.conv2d(grey, mask.view(1, 1, 3, 3)).abs()  # (F, 1, H-2, W-2)
+    return float(math.sqrt(math.pi / 2) * response.mean() / 6)

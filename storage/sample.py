@@ -12,13 +12,18 @@ import numpy as np
 from storage.video import write_video
 
 
-def _photo(size: int) -> np.ndarray:
-    """skimage's astronaut, resized so the camera has room to move: (S, S, 3) uint8, S >= 2*size."""
-    from skimage import data
+def _photo(size: int, image: np.ndarray | None = None) -> np.ndarray:
+    """The source photograph (skimage's astronaut, or `image` (H, W, 3) uint8), centre square, resized so the camera
+    has room to move: (S, S, 3) uint8, S >= 2*size."""
+    if image is None:
+        from skimage import data
 
-    img = data.astronaut()  # (512, 512, 3) uint8
+        image = data.astronaut()  # (512, 512, 3) uint8
+    h, w = image.shape[:2]
+    side = min(h, w)
+    img = np.ascontiguousarray(image[(h - side) // 2: (h - side) // 2 + side, (w - side) // 2: (w - side) // 2 + side])
     s = max(512, 2 * size)
-    if s != img.shape[0]:
+    if s != side:
         img = cv2.resize(img, (s, s), interpolation=cv2.INTER_CUBIC)
     return img
 
@@ -43,9 +48,9 @@ def sample_clip_affines(frames: int = 16, size: int = 256, seed: int = 0) -> np.
     return A  # (F, 2, 3)
 
 
-def render_sample_frames(frames: int = 16, size: int = 256, seed: int = 0) -> np.ndarray:
-    """The clip's frames (F, size, size, 3) uint8, rendered with subpixel cubic warps."""
-    img = _photo(size)
+def render_sample_frames(frames: int = 16, size: int = 256, seed: int = 0, image: np.ndarray | None = None) -> np.ndarray:
+    """The clip's frames (F, size, size, 3) uint8, rendered with subpixel cubic warps (of `image`, see _photo)."""
+    img = _photo(size, image)
     img = cv2.GaussianBlur(img, (0, 0), 0.5)  # light prefilter against aliasing when zoomed out
     out = [
         cv2.warpAffine(img, a, (size, size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
@@ -68,10 +73,23 @@ def true_backward_flow(affines: np.ndarray, height: int, width: int) -> np.ndarr
     return flow
 
 
+def true_forward_flow(affines: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Exact forward flows (F-1, H, W, 2) (dx, dy): pixel x of frame j-1 is at x + flow(x) in frame j."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    pts = np.stack([xs, ys, np.ones_like(xs)], -1)  # (H, W, 3)
+    flow = np.zeros((len(affines) - 1, height, width, 2), np.float32)
+    for j in range(1, len(affines)):
+        src = pts @ affines[j - 1].T  # (H, W, 2) photo coords
+        nxt = np.vstack([affines[j], [0, 0, 1]])
+        fwd = np.concatenate([src, np.ones_like(xs)[..., None]], -1) @ np.linalg.inv(nxt).T
+        flow[j - 1] = fwd[..., :2] - pts[..., :2]
+    return flow
+
+
 def make_sample_clip(path: str, frames: int = 16, size: int = 256, seed: int = 0, fps=8,
-                     lossless: bool = True, audio_from: str | None = None) -> str:
-    """Write the sample clip to path (lossless by default); returns path."""
-    return write_video(path, render_sample_frames(frames, size, seed), fps, audio_from=audio_from,
+                     lossless: bool = True, audio_from: str | None = None, image: np.ndarray | None = None) -> str:
+    """Write the sample clip (of `image`, default the bundled photograph) to path (lossless by default); returns path."""
+    return write_video(path, render_sample_frames(frames, size, seed, image), fps, audio_from=audio_from,
                        lossless=lossless)
 
 

@@ -168,3 +168,29 @@ def test_build_table_empty_and_cli_missing_experiment(tmp_path, capsys, monkeypa
         mlflow.set_tracking_uri(previous)
     assert rc == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_std_dash_for_single_runs_and_rows_grouped_by_clip():
+    """n = 1 prints "–" for the std (not "± 0"); rows of several clips stay apart, truth and input rows first."""
+    import pandas as pd
+
+    def run(clip, row, seed, psnr, **metrics):
+        return {"run_id": f"{clip}-{row}-{seed}", "start_time": seed, "tags.restore_video.clip": clip,
+                "tags.restore_video.clip_role": "report", "tags.restore_video.row": row, "metrics.psnr": psnr,
+                **{f"metrics.{k}": v for k, v in metrics.items()}}
+
+    df = pd.DataFrame([run("coffee", "gp", s, 20.0 + s, grad_ratio=0.9 + 0.01 * s) for s in range(3)]
+                      + [run("coffee", "input: bicubic ×8", 0, 21.0, grad_ratio=0.5),
+                         run("coffee", "truth (floor)", 0, float("nan"), warping_error_pixel_first_exact=2e-4),
+                         run("rocket", "gp", 0, 25.0)])
+    rows = compare.build_table(df)
+    assert [(r["clip"], r["row"], r["n"]) for r in rows] == [
+        ("coffee", "truth (floor)", 1), ("coffee", "input: bicubic ×8", 1), ("coffee", "gp", 3), ("rocket", "gp", 1)]
+    gp = rows[2]
+    assert gp["psnr_mean"] == pytest.approx(21.0) and gp["psnr_std"] == pytest.approx(1.0) and gp["psnr_n"] == 3
+    assert compare.cell(gp, "psnr") == "21 ± 1"
+    assert compare.cell(rows[1], "psnr") == "21 ± –" and compare.cell(rows[0], "psnr") == "–"
+    text = compare.render(rows, "md")
+    assert "#### clip coffee (report)" in text and "#### clip rocket (report)" in text
+    assert "± 0 " not in text and "WE pixel first (exact)" in text and "grad ratio" in text
+    assert set(compare.summary_json(rows)) == {"coffee: truth (floor)", "coffee: input: bicubic ×8", "coffee: gp", "rocket: gp"}

@@ -11,9 +11,11 @@ from flows.config import METHODS, RestoreConfig
 
 def test_shift_inpaint_grid_is_methods_x_models_x_seeds(tmp_path):
     specs = experiments.experiment_grid("shift-inpaint", "clip.mkv", seeds=2, work_root=str(tmp_path))
-    assert len(specs) == len(METHODS) * 2 * 2
+    white_only = set(experiments.WHITE_ONLY)
+    assert len(specs) == (2 * len(METHODS) - len(white_only)) * 2
     cells = {(s.config["method"], s.config["model"], s.config["seed"]) for s in specs}
-    assert cells == {(m, model, seed) for m in METHODS for model in ("inpaint-gp", "inpaint-white") for seed in (0, 1)}
+    assert cells == {(m, model, seed) for m in METHODS for model in ("inpaint-gp", "inpaint-white") for seed in (0, 1)
+                     if not (m in white_only and model == "inpaint-gp")}  # integral never runs with the GP model
     for s in specs:
         assert s.row == (f"{s.config['method']}/white" if s.config["model"] == "inpaint-white" else s.config["method"])
         assert s.tags[compare.ROW_TAG] == s.row
@@ -24,27 +26,43 @@ def test_shift_inpaint_grid_is_methods_x_models_x_seeds(tmp_path):
     assert len({s.config["out"] for s in specs}) == len(specs)  # every run writes its own outputs
 
 
-def test_video_sr_grid_every_method():
-    specs = experiments.experiment_grid("video-sr", "clip.mp4", frames=12, steps=20, guidance=0.5)
-    assert [s.config["method"] for s in specs] == list(METHODS)
-    assert all(s.config["task"] == "sr8" and s.config["flow_backend"] == "dis" and s.config["frames"] == "0:12"
-               and s.config["steps"] == 20 and s.config["guidance"] == 0.5 for s in specs)
+def test_white_noise_baselines_run_with_the_white_model():
+    assert experiments.model_for("sr8", "integral") == "sr8-white"
+    assert experiments.model_for("sr4", "integral", "gp") == "sr4-white"  # generic over the task
+    assert experiments.model_for("sr8", "warped-diffusion") == "sr8-gp"
+    assert experiments.model_for("inpaint", "fixed", "white") == "inpaint-white"
+    with pytest.raises(ValueError, match="unknown noise"):
+        experiments.model_for("sr8", "gp", "pink")
+
+
+def test_video_sr_grid_every_method_on_every_report_clip():
+    clips = [experiments.Clip(path=f"{n}.mkv", image=n, role="report") for n in ("coffee", "motorcycle_right")]
+    specs = experiments.experiment_grid("video-sr", clips, steps=20, guidance=0.5, seeds=3)
+    assert len(specs) == len(METHODS) * 2 * 3
+    for s in specs:
+        assert s.config["model"] == ("sr8-white" if s.config["method"] == "integral" else "sr8-gp")
+        assert s.row == ("integral/white" if s.config["method"] == "integral" else s.config["method"])
+        assert s.config["input"] == s.clip.path and s.tags[experiments.CLIP_TAG] == s.clip.image
+        assert s.tags[experiments.ROLE_TAG] == "report"
+        assert (s.config["task"], s.config["flow_backend"], s.config["steps"], s.config["guidance"]) == ("sr8", "dis", 20, 0.5)
     default = experiments.experiment_grid("video-sr", "clip.mp4")
+    assert {s.config["seed"] for s in default} == set(range(experiments.DEFAULT_SEEDS))  # >= 3 seeds by default
+    assert experiments.DEFAULT_SEEDS >= 3
     assert {(s.config["steps"], s.config["guidance"]) for s in default} == {(experiments.VIDEO_SR_STEPS, experiments.VIDEO_SR_GUIDANCE)}
     with pytest.raises(ValueError, match="guidance must be in"):
         experiments.experiment_grid("video-sr", "clip.mp4", guidance=-1)
 
 
-def test_guidance_sweep_grid_lambdas_x_steps():
-    specs = experiments.experiment_grid("guidance-sweep", "clip.mp4")
-    assert {(s.config["guidance"], s.config["steps"]) for s in specs} == {
-        (lam, n) for lam in (0, 0.25, 0.5, 1, 2) for n in (25, 50, 100)}
-    assert len(specs) == 15 and all(s.config["method"] == "warped-diffusion" for s in specs)
-    assert specs[0].config["frames"] == f"0:{experiments.SWEEP_FRAMES}"
-    rows = [s.row for s in specs]
-    assert sorted(rows, key=compare._order) == [f"λ={lam:g} steps={n}" for n in (25, 50, 100) for lam in (0, 0.25, 0.5, 1, 2)]
-    only = experiments.experiment_grid("guidance-sweep", "clip.mp4", steps=10)
-    assert {s.config["steps"] for s in only} == {10}
+def test_guidance_sweep_grid_lambdas_x_steps_x_spaces():
+    specs = experiments.experiment_grid("guidance-sweep", "clip.mp4", seeds=1)
+    assert {(s.config["guidance"], s.config["steps"], s.config["guidance_space"]) for s in specs} == {
+        (lam, n, sp) for lam in (0, 0.25, 0.5, 1, 2) for n in (25, 50, 100) for sp in ("pixel", "latent")}
+    assert all(s.config["method"] == "warped-diffusion" for s in specs)
+    rows = list(dict.fromkeys(s.row for s in specs))
+    assert sorted(rows, key=compare._order) == [f"λ={lam:g} steps={n} space={sp}" for n in (25, 50, 100)
+                                                 for sp in ("latent", "pixel") for lam in (0, 0.25, 0.5, 1, 2)]
+    only = experiments.experiment_grid("guidance-sweep", "clip.mp4", steps=10, space="pixel", seeds=1)
+    assert {(s.config["steps"], s.config["guidance_space"]) for s in only} == {(10, "pixel")} and len(only) == 5
 
 
 def test_unknown_experiment_and_seeds():
@@ -52,6 +70,83 @@ def test_unknown_experiment_and_seeds():
         experiments.experiment_grid("nope", "clip.mp4")
     with pytest.raises(ValueError, match="seeds"):
         experiments.experiment_grid("video-sr", "clip.mp4", seeds=0)
+
+
+def test_training_images_are_refused(tmp_path):
+    import json
+
+    card = tmp_path / "sr8-gp"
+    card.mkdir()
+    (card / "card.json").write_text(json.dumps({"data": {"train": ["astronaut", "skimage:camera"], "heldout": ["coffee"],
+                                                         "photographs": {"train": ["BytheWater.jpg"], "test": ["Grey"]}}}))
+    assert experiments.training_images(tmp_path) == {"sr8-gp": {"astronaut", "camera", "BytheWater"}}
+    for image in ("astronaut", "camera", "/some/dir/BytheWater.png"):
+        with pytest.raises(ValueError, match="training image of sr8-gp"):
+            experiments.check_held_out(image, tmp_path)
+    experiments.check_held_out("coffee", tmp_path)  # held out: accepted
+    with pytest.raises(ValueError, match="training image"):  # before any rendering or run
+        experiments.prepare_clips("video-sr", None, str(tmp_path / "w"), 4, 1, report_images=("coffee", "camera"),
+                                  models_root=tmp_path)
+    # the shipped cards: every default clip is held out of every model's training
+    for image in (experiments.TUNE_IMAGE, *experiments.REPORT_IMAGES, experiments.SHIFT_IMAGE):
+        experiments.check_held_out(image)
+    assert experiments.TUNE_IMAGE not in experiments.REPORT_IMAGES
+
+
+def test_choose_tuning_prefers_consistency_without_blur():
+    def row(lam, steps, space, we, psnr):
+        return {"row": f"λ={lam:g} steps={steps} space={space}", "guidance": str(lam), "steps": str(steps),
+                "space": space, "warping_error_pixel_first_mean": we * 2, "warping_error_pixel_first_exact_mean": we,
+                "psnr_mean": psnr}
+
+    rows = [row(0, 50, "pixel", 1.0, 20.0), row(1, 50, "pixel", 0.5, 19.8), row(2, 50, "pixel", 0.1, 18.0),
+            row(0, 100, "latent", 1.1, 20.0), row(2, 100, "latent", 0.3, 19.9)]
+    pick = experiments.choose_tuning(rows)
+    assert (pick["guidance"], pick["steps"], pick["guidance_space"]) == (2.0, 100, "latent")  # 0.1 costs 2 dB: excluded
+    assert pick["warping_error_pixel_first"] == 0.3
+    assert experiments.choose_tuning(rows, slack_db=5)["warping_error_pixel_first"] == 0.1
+
+
+def test_metrics_grad_ratio_blockiness_noise_sigma():
+    import torch
+
+    from ops import metrics
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 3, 32, 48, generator=g, dtype=torch.float64)
+    blocks = truth.reshape(2, 3, 4, 8, 6, 8).mean((3, 5), keepdim=True).expand(-1, -1, -1, 8, -1, 8).reshape(2, 3, 32, 48)
+    assert metrics.blockiness(truth, truth) == pytest.approx(1.0)
+    assert metrics.blockiness(blocks, truth) > 5  # piecewise-constant 8x8 cells: all change at cell borders
+    blur = torch.nn.functional.avg_pool2d(truth, 3, 1, 1, count_include_pad=False)
+    assert metrics.grad_ratio(blur, truth) < 0.7 and metrics.grad_ratio(truth, truth) == pytest.approx(1.0)
+
+    ramp = torch.linspace(0.2, 0.6, 48, dtype=torch.float64).view(1, 1, 1, 48).expand(2, 3, 32, 48)
+    assert metrics.noise_sigma(ramp) == pytest.approx(0.0, abs=1e-12)  # planar content: no noise
+    for sigma in (0.01, 0.05):  # white noise of known sigma (same in every channel) is recovered to a few %
+        noisy = ramp + sigma * torch.randn(2, 1, 32, 48, generator=g, dtype=torch.float64).expand(-1, 3, -1, -1)
+        assert metrics.noise_sigma(noisy) == pytest.approx(sigma, rel=0.1)
+
+
+def test_exact_flow_of_the_sample_clip_warps_frames_onto_each_other():
+    import torch
+
+    from ops import metrics
+    from storage.sample import render_sample_frames, sample_clip_affines, true_backward_flow, true_forward_flow
+
+    frames = torch.from_numpy(render_sample_frames(4, 64, 0)).permute(0, 3, 1, 2).double() / 255
+    affines = sample_clip_affines(4, 64, 0)
+    fwd = torch.from_numpy(true_forward_flow(affines, 64, 64)).double()
+    assert fwd.shape == (3, 64, 64, 2)
+    exact = metrics.summarize(metrics.warping_error(frames, fwd, None, "prev"))
+    assert exact < 0.2 * metrics.summarize(metrics.warping_error(frames, torch.zeros_like(fwd), None, "prev"))
+    back = torch.from_numpy(true_backward_flow(affines, 64, 64)[1:]).double()  # frame j -> j-1
+    from ops import flow as flowops
+
+    grid = flowops.identity_grid(64, 64, torch.float64, "cpu")
+    there = grid + fwd  # frame j-1's pixels in frame j; the backward flow there leads back to them
+    round_trip = there + flowops.sample_bilinear(back.permute(0, 3, 1, 2), there).permute(0, 2, 3, 1)
+    inside = flowops.inside(there, 64, 64)
+    assert (round_trip - grid)[inside].abs().max() < 1e-3
 
 
 def test_shift_clip_and_masks_are_exact_lossless_translations(tmp_path):
@@ -72,53 +167,179 @@ def test_shift_clip_and_masks_are_exact_lossless_translations(tmp_path):
         experiments.make_shift_clip(str(tmp_path / "x.mkv"), size=128, frames=40)
 
 
-def test_run_experiment_nests_runs_and_prints_json(tmp_path, monkeypatch, capsys):
-    """run_experiment + experiment_cli with a stand-in restore (real MLflow): one parent, nested tagged children,
-    compare artifacts on the parent, `--json` = per-row means over seeds."""
+def _stand_in_restore(calls):
+    """A stand-in for flows.restore_video.restore: the real prepare / flow stages, a 'restoration' = the bicubic
+    input plus seed- and method-dependent noise, its latents from the real autoencoder, a real nested MLflow run."""
+    import inspect
+    import os
+
+    import mlflow
+    import torch
+    import xarray as xr
+
+    from infra import tracking
+    from storage.video import read_video
+    from tasks import flow as flow_stage
+    from tasks import prepare as prepare_stage
+    from tasks._stage import run_stage, store_for
+
+    def restore(cfg, parent_run_id):
+        calls.append(cfg)
+        store = store_for(cfg.work_root)
+        frames, _ = read_video(cfg.input)
+        tag = f"{os.path.basename(cfg.input)}-{cfg.seed}-{cfg.mode}"
+        keys = {"prepare": f"fake-{tag}", "estimate_flow": f"fake-{tag}-{cfg.flow_backend}",
+                "decode": f"fake-{tag}-{cfg.method}-{cfg.guidance}-{cfg.steps}-{cfg.model_name}"}
+        keys["sample"] = keys["decode"]
+        extracted = xr.Dataset({"frames": (("frame", "y", "x", "rgb"), frames)})
+        extra = {"multiple": 8} if "multiple" in inspect.signature(prepare_stage.compute).parameters else {}
+        run_stage(store, "prepare", keys["prepare"],
+                  lambda: prepare_stage.compute(extracted, cfg.task, cfg.mode, cfg.seed, cfg.mask, {}, **extra))
+        prepared = store.open("prepare", keys["prepare"]).load()
+        run_stage(store, "estimate_flow", keys["estimate_flow"], lambda: flow_stage.compute(prepared, cfg.flow_backend))
+        g = torch.Generator().manual_seed(cfg.seed * 100 + len(cfg.method) + int(10 * cfg.guidance))
+        cond = torch.from_numpy(prepared["cond"].values).permute(0, 3, 1, 2).float() / 255
+        out = (cond + 0.02 * torch.randn(cond.shape, generator=g)).clamp(0, 1)  # (F, 3, H, W)
+        z = experiments._autoencoder(cfg.model_name).encode(out)
+        restored = (out * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        run_stage(store, "decode", keys["decode"], lambda: xr.Dataset({"frames": (("frame", "y", "x", "rgb"), restored)}))
+        run_stage(store, "sample", keys["sample"], lambda: xr.Dataset({"latents": (("frame", "c", "ly", "lx"), z.numpy())}))
+        with tracking.start_run(os.environ["RESTORE_VIDEO_EXPERIMENT"], f"x:{cfg.method}", parent_run_id=parent_run_id,
+                                tags={"method": cfg.method, "model": cfg.model_name},
+                                uri=tracking.tracking_uri(cfg.work_root)) as run:
+            tracking.log_config(cfg.model_dump(mode="json"))
+            mlflow.log_metric("warping_error_pixel_first", 1.0)  # overwritten by the experiment's own scoring
+        return {"mlflow_run_id": run.info.run_id, "keys": keys, "cached": {"sample": False}}
+
+    return restore
+
+
+def _child_runs(work_root, name):
+    from mlflow.tracking import MlflowClient
+
+    from infra import tracking
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(str(work_root)))
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(compare.ROLE_TAG) == "experiment-parent"]
+    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id] for p in parents}
+    return client, parents, children
+
+
+@pytest.mark.slow
+def test_tuning_then_report_with_input_rows_and_floors(tmp_path, monkeypatch, capsys):
+    """experiment_cli `all`-style: the guidance sweep on the tuning clip writes tuning.json, video-sr reads it and
+    reports on a different held-out clip, with the input rows (bicubic, + back-projection), the truth floor, exact
+    and estimated warping errors, grad ratio and blockiness, n = 3 seeds and "–" for n = 1 (real MLflow)."""
     import argparse
     import json
 
     import mlflow
 
-    from infra import tracking
-
-    def fake_restore(cfg, parent_run_id):
-        import os
-
-        we = {"warped-diffusion": 0.001, "gp": 0.05}.get(cfg.method, 0.1) * (1 + cfg.seed)
-        with tracking.start_run(os.environ["RESTORE_VIDEO_EXPERIMENT"], f"x:{cfg.method}", parent_run_id=parent_run_id,
-                                tags={"method": cfg.method, "model": cfg.model_name},
-                                uri=tracking.tracking_uri(cfg.work_root)) as run:
-            tracking.log_config(cfg.model_dump(mode="json"))
-            mlflow.log_metrics({"warping_error_pixel_first": we, "warping_error_pixel_prev": we / 2, "psnr": 20.0 + cfg.seed,
-                                "ssim": 0.5})
-            tracking.log_series(compare.PER_FRAME_METRIC, [we] * 3)
-        return {"mlflow_run_id": run.info.run_id, "warping_error": {"pixel_first": we, "pixel_prev": we / 2},
-                "psnr": 20.0 + cfg.seed, "ssim": 0.5, "cached": {"sample": False}}
-
+    calls = []
     previous = mlflow.get_tracking_uri()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(experiments, "_restore", fake_restore)
+    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    monkeypatch.setattr(experiments, "CLIP_SIZE", 64)
+    monkeypatch.setattr(experiments, "METHODS", ("warped-diffusion", "gp", "integral"))
+    monkeypatch.setattr(experiments, "LAMBDAS", (0.0, 1.0, 2.0))
+    doc = tmp_path / "EXPERIMENTS.md"
+    doc.write_text("# Experiments\n\nprose\n\n<!-- BEGIN experiment:video-sr -->\nold table\n<!-- END experiment:video-sr -->\n\nmore prose\n")
     try:
-        args = argparse.Namespace(name="video-sr", input=str(tmp_path / "clip.mp4"), frames=None, steps=2, seeds=2, work_root=str(tmp_path), json=True)
-        assert experiments.experiment_cli(args) == 0
-        out = json.loads(capsys.readouterr().out)
-        assert list(out) == list(METHODS)
-        assert out["gp"]["warping_error_pixel_first"] == pytest.approx(0.05 * 1.5)  # mean over seeds 0, 1
-        assert out["warped-diffusion"]["psnr"] == pytest.approx(20.5)
-        assert set(out["gp"]) == {"warping_error_pixel_first", "warping_error_pixel_prev", "psnr", "ssim"}
+        base = dict(input=None, frames=4, steps=2, work_root=str(tmp_path), json=False, guidance=None,
+                    tune_image="rocket", update_doc=str(doc))
+        sweep = argparse.Namespace(name="guidance-sweep", seeds=1, guidance_space="pixel", report_images=None, **base)
+        assert experiments.experiment_cli(sweep) == 0
+        tuning = json.loads((tmp_path / "experiments" / "tuning.json").read_text())
+        assert tuning["clip"] == "rocket" and tuning["steps"] == 2 and tuning["guidance_space"] == "pixel"
+        assert tuning["guidance"] in experiments.LAMBDAS
+        assert {c.input for c in calls} == {str(tmp_path / "experiments" / "clips" / "rocket_64_4f.mkv")}
+        calls.clear()
+        report = argparse.Namespace(name="video-sr", seeds=3, guidance_space=None, report_images="coffee",
+                                    **{**base, "steps": None})
+        assert experiments.experiment_cli(report) == 0
+        printed = capsys.readouterr().out
+        # tuned on rocket, reported on coffee: no run of video-sr saw the tuning clip
+        assert {c.input for c in calls} == {str(tmp_path / "experiments" / "clips" / "coffee_64_4f.mkv")}
+        assert {(c.steps, c.guidance, c.guidance_space) for c in calls if c.method == "warped-diffusion"} == {
+            (2, tuning["guidance"], "pixel")}
+        assert {c.model_name for c in calls if c.method == "integral"} == {"sr8-white"}
+        assert {c.model_name for c in calls if c.method != "integral"} == {"sr8-gp"}
+        assert "tuned on" not in printed or "rocket" in printed
+        assert "λ, steps and guidance space: rocket (guidance-sweep" in printed
+        assert "#### clip coffee (report)" in printed
 
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking.tracking_uri(str(tmp_path)))
-        exp = client.get_experiment_by_name("video-sr")
-        runs = client.search_runs([exp.experiment_id])
-        parents = [r for r in runs if r.data.tags.get(compare.ROLE_TAG) == "experiment-parent"]
+        client, parents, children = _child_runs(tmp_path, "video-sr")
         assert len(parents) == 1
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-        assert len(children) == len(METHODS) * 2
-        assert {r.data.tags[compare.ROW_TAG] for r in children} == set(METHODS)
-        names = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
-        assert "compare/warping_error_per_frame.png" in names and "compare/table.md" in names
+        kids = children[parents[0].info.run_id]
+        by_row = {}
+        for r in kids:
+            by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r)
+        assert set(by_row) == {"warped-diffusion", "gp", "integral/white", "input: bicubic ×8",
+                               "input: bicubic ×8 + back-projection", "truth (floor)"}
+        assert {len(v) for k, v in by_row.items() if not k.startswith(("input", "truth"))} == {3}
+        assert len(by_row["input: bicubic ×8"]) == 1 and len(by_row["truth (floor)"]) == 1  # deterministic
+        for r in kids:
+            m = r.data.metrics
+            assert {"warping_error_pixel_first", "warping_error_pixel_first_exact",
+                    "warping_error_latent_prev_exact"} <= set(m)
+            assert m["warping_error_pixel_first"] != 1.0  # the stand-in's placeholder was re-scored
+            if r.data.tags[compare.ROW_TAG] != "truth (floor)":
+                assert {"psnr", "ssim", "grad_ratio", "blockiness"} <= set(m)
+        floor = by_row["truth (floor)"][0].data.metrics
+        bic = by_row["input: bicubic ×8"][0].data.metrics
+        bp = by_row["input: bicubic ×8 + back-projection"][0].data.metrics
+        assert floor["warping_error_pixel_first_exact"] < bic["warping_error_pixel_first_exact"]  # the truth is the floor
+        assert bp["psnr"] > bic["psnr"] and bic["grad_ratio"] < 1  # bicubic is blurry; back-projection helps PSNR
+
+        table = (tmp_path / "EXPERIMENTS.md").read_text()
+        assert table.startswith("# Experiments\n\nprose") and "<!-- END experiment:video-sr -->\n\nmore prose" in table
+        assert "old table" not in table and "| truth (floor) | 1 |" in table
+        line = next(x for x in table.splitlines() if x.startswith("| input: bicubic ×8 |"))
+        assert "± –" in line  # n = 1: no std
+        line = next(x for x in table.splitlines() if x.startswith("| gp | 3 |"))
+        assert "± –" not in line.split("|")[3]
+        assert "grad ratio" in table and "WE pixel first (exact)" in table and "noise σ (NR)" in table
+        assert floor["noise_sigma"] > bic["noise_sigma"]  # no-reference: bicubic is smoother than the truth
+        assert "## guidance-sweep" in table  # no markers for it yet: appended
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+
+
+@pytest.mark.slow
+def test_shift_inpaint_has_telea_rows_per_mask_and_integral_only_white(tmp_path, monkeypatch, capsys):
+    """shift-inpaint with the stand-in restore: the Telea input row once per seed (the seed draws the hole), hole
+    PSNR in every row, the exact flow equals the `shift:` flow, and integral runs only with the white model."""
+    import argparse
+
+    import mlflow
+
+    calls = []
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    monkeypatch.setattr(experiments, "METHODS", ("gp", "integral"))
+    try:
+        args = argparse.Namespace(name="shift-inpaint", input=None, frames=None, steps=2, seeds=2, work_root=str(tmp_path),
+                                  json=True, guidance=None, guidance_space=None, tune_image=None, report_images=None,
+                                  update_doc=None)
+        assert experiments.experiment_cli(args) == 0
+        assert sorted((c.method, c.model_name) for c in calls) == sorted(
+            [("gp", "inpaint-gp"), ("gp", "inpaint-white"), ("integral", "inpaint-white")] * 2)
+        _, parents, children = _child_runs(tmp_path, "shift-inpaint")
+        by_row = {}
+        for r in children[parents[0].info.run_id]:
+            by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r.data.metrics)
+        assert set(by_row) == {"truth (floor)", "input: Telea", "gp", "gp/white", "integral/white"}
+        assert len(by_row["input: Telea"]) == 2 and len(by_row["truth (floor)"]) == 1
+        for row, ms in by_row.items():
+            for m in ms:
+                assert m["warping_error_pixel_first_exact"] == pytest.approx(m["warping_error_pixel_first"], rel=1e-6)
+                if row != "truth (floor)":
+                    assert "hole_psnr" in m and "blockiness" in m
+        assert max(m["warping_error_pixel_prev"] for m in by_row["truth (floor)"]) < 1e-12  # exact shift: no error
     finally:
         mlflow.set_tracking_uri(previous)
