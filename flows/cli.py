@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
 
-from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, METHODS, PROJECT_ROOT
+from flows.config import PROJECT_ROOT
 
 
 def _env_defaults() -> None:
@@ -19,42 +21,42 @@ def _env_defaults() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(PROJECT_ROOT / ".cache" / "inductor"))
 
 
+CLI_HIDDEN = ("input", "storage_options")  # a positional argument; credentials come from the environment
+
+
+def _flag_type(annotation):
+    """(argparse type, choices) of a RestoreConfig field's annotation: Optional[X] -> X, Literal -> its values."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, typing.get_args(annotation)
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _flag_type(args[0])
+    return (annotation if annotation in (int, float, str) else str), None
+
+
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="sr8", help="sr8 | sr4 (x4 upscaler checkpoints) | inpaint")
-    p.add_argument("--method", default="warped-diffusion", help=" | ".join(METHODS))
-    p.add_argument("--mode", default="restore", help="restore (input is degraded) | benchmark (input is ground truth)")
-    p.add_argument("--mask", default=None, help="inpaint: mask image/video URL, white = hole")
-    p.add_argument("--frames", default=None, help="START:END")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--guidance-space", default="auto", help="pixel | latent | auto (pixel for the embedded sr8 models, latent otherwise)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="model name (restore-video models) or a local diffusers directory")
-    p.add_argument("--flow-backend", default="dis", help="dis | farneback")
-    p.add_argument("--out", default="out")
-    p.add_argument("--work-root", default=None)
-    p.add_argument("--executor", default="ray", help="ray | inline")
-    p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--window", type=int, default=None, help="frames per temporal window (default: from the memory estimate)")
-    p.add_argument("--tile", type=int, default=None, help="latent tile edge in latent pixels (default: from the memory estimate)")
-    p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
-                   help=f"largest output frame in pixels (default {DEFAULT_MAX_OUTPUT_PIXELS} = 3840x2160)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
-    p.add_argument("--prompt", default="", help="text prompt (Stable Diffusion checkpoints)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (with --cfg)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    """One flag per RestoreConfig field: type, choices, help and default come from the field, written once there.
+    Flags the user does not give are left out (argparse.SUPPRESS), so the model's own defaults apply."""
+    from flows.config import RestoreConfig
+
+    for name, field in RestoreConfig.model_fields.items():
+        if name in CLI_HIDDEN:
+            continue
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or ''} (default: {default})".strip()
+        if field.annotation is bool:
+            p.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+            continue
+        kind, choices = _flag_type(field.annotation)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
 
 
 def _restore_params(args) -> dict:
-    params = dict(task=args.task, method=args.method, mode=args.mode, mask=args.mask, frames=args.frames, steps=args.steps,
-                  guidance=args.guidance, guidance_space=args.guidance_space, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
-                  executor=args.executor, max_batch=args.max_batch, window=args.window, tile=args.tile,
-                  max_output_pixels=args.max_output_pixels,
-                  device=args.device, dtype=args.dtype, prompt=args.prompt, negative_prompt=args.negative_prompt, cfg=args.cfg)
-    if args.work_root:
-        params["work_root"] = args.work_root
-    return params
+    """The RestoreConfig fields given on the command line."""
+    from flows.config import RestoreConfig
+
+    return {k: v for k, v in vars(args).items() if k in RestoreConfig.model_fields and k not in CLI_HIDDEN}
 
 
 def _print_report(report: dict, as_json: bool) -> None:
@@ -97,7 +99,7 @@ def cmd_demo(args) -> int:
 
     args.input = ensure_sample_clip()
     args.mode = "benchmark"
-    args.out = args.out if args.out != "out" else str(PROJECT_ROOT / "out" / "demo")
+    args.out = getattr(args, "out", None) or str(PROJECT_ROOT / "out" / "demo")
     return cmd_run(args)
 
 
@@ -215,11 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from infra._proc import install_cleanup
+
+    install_cleanup()  # servers this command starts stop with it, also on SIGTERM
     _env_defaults()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's own usage errors (exit 2, message printed) and --help (0)
+        return int(exc.code or 0)
     return args.fn(args)
 
 

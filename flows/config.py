@@ -28,30 +28,34 @@ class RestoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="video URL: local path or any fsspec URL (s3://, file://, ...)")
-    task: Literal["sr8", "sr4", "inpaint"] = "sr8"
+    task: Literal["sr8", "sr4", "inpaint"] = Field("sr8", description="sr8 / sr4: super-resolution x8 / x4; inpaint: fill the holes of --mask")
     mode: Literal["restore", "benchmark"] = Field(
         "restore", description="restore: the input is the degraded video; benchmark: the input is ground truth, degraded first"
     )
-    method: str = "warped-diffusion"
+    method: str = Field("warped-diffusion", description="warped-diffusion (GP noise + self-guidance) or a noise-warping "
+                        "baseline: " + ", ".join(METHODS[1:]))
     mask: str | None = Field(None, description="inpaint, restore mode: mask image or video URL (white = hole)")
-    steps: int = Field(50, ge=1, le=1000)
+    steps: int = Field(50, ge=1, le=1000, description="sampler steps per frame")
     guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
     guidance_space: Literal["auto", "pixel", "latent"] = Field(
         "auto", description="where self-guidance compares frames: pixel (decoded frames, pixel flow), latent (the "
         "paper's latent warp), auto = pixel for super-resolution with a linear decoder (the embedded sr8 models), "
         "latent otherwise")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the noise (and of benchmark-mode masks)")
     model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
     flow_backend: str = Field("dis", description="dis | farneback | shift:DX,DY (known integer/subpixel translation per frame)")
     frames: str | None = Field(None, description="frame range START:END (END exclusive), e.g. 0:16")
     out: str = Field("out", description="output directory URL")
     work_root: str = Field(DEFAULT_WORK_ROOT, description="artifact cache root URL")
-    executor: Literal["ray", "inline"] = "ray"
+    executor: Literal["ray", "inline"] = Field("ray", description="ray: sample on a Ray actor (RAY_ADDRESS for a cluster); "
+                                               "inline: in this process")
     max_batch: int | None = Field(None, ge=1, description="largest wavefront batch (memory bound); None = all active frames")
     window: int | None = Field(None, ge=2, description="frames sampled per temporal window; None = chosen by preflight "
                                "from the memory estimate (all frames when they fit)")
     tile: int | None = Field(None, ge=4, description="latent tile edge in latent pixels (8 frame pixels each for the "
                              "embedded models); None = chosen by preflight (whole frames when they fit)")
+    log_videos: bool = Field(False, description="also copy restored.mp4 and comparison.mp4 into the MLflow run's "
+                             "artifacts (doubles their disk use; off: metrics.json, plots and config only)")
     max_output_pixels: int = Field(DEFAULT_MAX_OUTPUT_PIXELS, ge=1, description="largest output frame (width x height) "
                                    "preflight accepts; raise it to restore larger targets on purpose")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
@@ -133,6 +137,17 @@ class RestoreConfig(BaseModel):
     @property
     def guidance_strength(self) -> float:
         return self.guidance if self.method == "warped-diffusion" else 0.0
+
+
+# Fields that say where and how a restoration runs, not what it produces: everything else in RestoreConfig is the
+# restoration's identity (restore-archive's "already restored with these settings" and its manifest hash).
+RUN_OPTIONS = ("input", "out", "work_root", "executor", "storage_options", "max_batch", "window", "log_videos",
+               "max_output_pixels", "device")
+
+
+def result_fields() -> tuple[str, ...]:
+    """RestoreConfig fields that change the restored frames."""
+    return tuple(name for name in RestoreConfig.model_fields if name not in RUN_OPTIONS)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

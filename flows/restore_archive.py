@@ -22,12 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import fsspec
 from prefect import flow
 
-from flows.config import DEFAULT_WORK_ROOT, RestoreConfig, flatten
+from flows.config import DEFAULT_WORK_ROOT, RestoreConfig, flatten, result_fields
 from storage.artifacts import canonical_json, write_bytes_atomic
 from storage.names import list_videos, safe_output_name
 
-# Settings of restore-video that change the result; input/out/work_root/executor are not among them.
-RESULT_FIELDS = ("task", "mode", "method", "mask", "steps", "guidance", "seed", "model", "flow_backend", "frames")
 
 
 def content_hash(url: str, storage_options: dict | None = None, chunk: int = 1 << 20) -> str:
@@ -40,7 +38,7 @@ def content_hash(url: str, storage_options: dict | None = None, chunk: int = 1 <
 
 
 def config_hash(settings: dict) -> str:
-    return hashlib.sha256(canonical_json({k: settings.get(k) for k in RESULT_FIELDS}).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(RestoreConfig(input="x", **settings).model_dump(include=set(result_fields()))).encode()).hexdigest()[:16]
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> list[dict]:
@@ -217,9 +215,13 @@ def restore_archive(
 
 
 def archive_cli(args) -> int:
-    settings = dict(task=args.task, mode=args.mode, method=args.method, steps=args.steps, guidance=args.guidance,
-                    seed=args.seed, model=args.model, frames=args.frames, flow_backend=args.flow_backend)
-    summary = archive(args.input_prefix, args.out, settings, args.glob, args.concurrency, None, args.executor, args.work_root)
+    from flows.cli import _restore_params
+
+    given = _restore_params(args)  # every restore setting given on the command line is passed through
+    run = {k: given.pop(k) for k in ("out", "executor", "work_root") if k in given}
+    settings = {k: v for k, v in given.items()}
+    summary = archive(args.input_prefix, run.get("out", "out"), settings, args.glob, args.concurrency, None,
+                      run.get("executor", "ray"), run.get("work_root"))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -15,9 +15,8 @@ import uuid
 
 import fsspec
 from prefect import flow, get_run_logger
-from prefect.context import get_run_context
 
-from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, RestoreConfig, flatten, sample_clip_path
+from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, RestoreConfig, sample_clip_path
 from flows.preflight import preflight
 from storage.video import VideoError
 from tasks import decode as decode_stage
@@ -29,7 +28,7 @@ from tasks import outputs
 from tasks import prepare as prepare_stage
 from tasks import sample as sample_stage
 from tasks._stage import StageRecord, store_for
-from tasks.models import model_info, pad_multiple, resolve_guidance_space
+from tasks.models import model_identity, model_info, pad_multiple, resolve_guidance_space
 
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
 
@@ -59,14 +58,6 @@ def ensure_sample_clip() -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         make_sample_clip(path)
     return path
-
-
-def _flow_run_id() -> str | None:
-    try:
-        ctx = get_run_context()
-        return str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
-    except Exception:
-        return None
 
 
 class _Progress:
@@ -125,80 +116,82 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     print(plan.summary(), file=sys.stderr, flush=True)
     logger.info(plan.summary())
     check_output_writable(cfg.out, opts)
-    store = store_for(cfg.work_root, opts)
-    records: dict[str, StageRecord] = {}
-
-    # 1-2. frames and conditioning
-    k_extract = extract_stage.extract_key(cfg.input, cfg.frame_range, opts)
-    records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k_extract, cfg.input, cfg.frame_range)
-    mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
-    multiple = pad_multiple(cfg.model_name)  # frame sizes the model takes
-    k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident, multiple)
-    records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask,
-                                               multiple)
-    # 3. flow (latent flows at the model's latent factor)
-    model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
-    if model["task"] != cfg.task:
-        raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend, model["factor"])
-    records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend, model["factor"])
-    # 4-5. conditioning latents and initial noise
-    k_enc = encode_stage.encode_key(k_prep, cfg.model_name, cfg.dtype)
-    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name, cfg.device, cfg.dtype)
-    base = model["noise"] if model["noise"] in ("gp", "white") else "white"
-    channels = model["latent_channels"]
-    k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
-    records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, channels, base)
-    # 6. sampling (the expensive stage)
-    space = resolve_guidance_space(cfg.guidance_space, model)
-    k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
-                                       space, cfg.text, cfg.dtype, tile=plan.tile)
-    request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
-                   steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space, text=cfg.text)
-    # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
-    if plan.window < plan.frames:
-        request["window"] = plan.window
-    if plan.tile is not None:
-        request["tile"] = plan.tile
-    if store.exists("sample", k_sample):
-        records["sample"] = StageRecord("sample", k_sample, True)
-    else:
-        logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
-        records["sample"] = run_sampling(cfg, request, pool)
-    # 7. decode
-    k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name, cfg.dtype)
-    records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name, cfg.device, cfg.dtype)
-
-    # 8. metrics and outputs
-    t_out = time.perf_counter()
-    restored = store.open("decode", k_dec)  # lazy: metrics and the writers read chunks of frames
-    prepared = store.open("prepare", k_prep)
-    extracted = store.open("extract_frames", k_extract)
-    k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
-    computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, restored, prepared, k_flow, k_sample)
-    fps = float(extracted.attrs["fps"])
-    report = {
-        "task": cfg.task,
-        "method": cfg.method,
-        "mode": cfg.mode,
-        "model": cfg.model_name,
-        "guidance_space": space if cfg.guidance_strength > 0 else "none",
-        "frames": int(restored.sizes["frame"]),
-        "fps": fps,
-        "preflight": plan.to_dict(),
-        **computed["summary"],
-        "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
-        "cached": {name: r.cached for name, r in records.items()},
-        "keys": {name: r.key for name, r in records.items()},
-    }
-    with tracking.start_run(
-        experiment=os.environ.get("RESTORE_VIDEO_EXPERIMENT", "restore-video"),
-        run_name=f"{os.path.basename(cfg.input)}:{cfg.method}",
-        tags={"prefect_flow_run_id": _flow_run_id() or "", "git_commit": tracking.git_commit(), "model": cfg.model_name,
-              "method": cfg.method, "task": cfg.task, "input": cfg.input},
-        parent_run_id=parent_run_id,
+    with tracking.restoration_run(
+        os.environ.get("RESTORE_VIDEO_EXPERIMENT", "restore-video"),
+        f"{os.path.basename(cfg.input)}:{cfg.method}",
+        params=cfg.model_dump(mode="json"),
+        tags={"model": cfg.model_name, "method": cfg.method, "task": cfg.task, "input": cfg.input},
         uri=tracking.tracking_uri(cfg.work_root),
-    ) as run:
+        parent_run_id=parent_run_id,
+        weights_hash=str(model_identity(cfg.model_name).get("weights")),
+        input_url=cfg.input,
+    ) as run:  # opened before the stages: running and failed restorations show up too
+        store = store_for(cfg.work_root, opts)
+        records: dict[str, StageRecord] = {}
+
+        # 1-2. frames and conditioning
+        k_extract = extract_stage.extract_key(cfg.input, cfg.frame_range, opts)
+        records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k_extract, cfg.input, cfg.frame_range)
+        mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
+        multiple = pad_multiple(cfg.model_name)  # frame sizes the model takes
+        k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident, multiple)
+        records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask,
+                                                   multiple)
+        # 3. flow (latent flows at the model's latent factor)
+        model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
+        if model["task"] != cfg.task:
+            raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
+        k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend, model["factor"])
+        records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend, model["factor"])
+        # 4-5. conditioning latents and initial noise
+        k_enc = encode_stage.encode_key(k_prep, cfg.model_name, cfg.dtype)
+        records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name, cfg.device, cfg.dtype)
+        base = model["noise"] if model["noise"] in ("gp", "white") else "white"
+        channels = model["latent_channels"]
+        k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
+        records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, channels, base)
+        # 6. sampling (the expensive stage)
+        space = resolve_guidance_space(cfg.guidance_space, model)
+        k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
+                                           space, cfg.text, cfg.dtype, tile=plan.tile)
+        request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
+                       steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space, text=cfg.text)
+        # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
+        if plan.window < plan.frames:
+            request["window"] = plan.window
+        if plan.tile is not None:
+            request["tile"] = plan.tile
+        if store.exists("sample", k_sample):
+            records["sample"] = StageRecord("sample", k_sample, True)
+        else:
+            logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
+            records["sample"] = run_sampling(cfg, request, pool)
+        # 7. decode
+        k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name, cfg.dtype)
+        records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name, cfg.device, cfg.dtype)
+
+        # 8. metrics and outputs
+        t_out = time.perf_counter()
+        restored = store.open("decode", k_dec)  # lazy: metrics and the writers read chunks of frames
+        prepared = store.open("prepare", k_prep)
+        extracted = store.open("extract_frames", k_extract)
+        k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
+        computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, restored, prepared, k_flow, k_sample)
+        fps = float(extracted.attrs["fps"])
+        report = {
+            "task": cfg.task,
+            "method": cfg.method,
+            "mode": cfg.mode,
+            "model": cfg.model_name,
+            "guidance_space": space if cfg.guidance_strength > 0 else "none",
+            "frames": int(restored.sizes["frame"]),
+            "fps": fps,
+            "preflight": plan.to_dict(),
+            **computed["summary"],
+            "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
+            "cached": {name: r.cached for name, r in records.items()},
+            "keys": {name: r.key for name, r in records.items()},
+        }
         report["mlflow_run_id"] = run.info.run_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
         times, start_s = outputs.source_times(cfg.input, cfg.frame_range[0], int(restored.sizes["frame"]), fps, opts)
@@ -211,9 +204,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         from storage.artifacts import write_json_atomic
 
         write_json_atomic(urls["metrics.json"], report, storage_options=opts)
-        outputs.log_to_mlflow({**flatten(cfg.model_dump(mode="json")), "guidance_space_used": report["guidance_space"]}, report, computed["per_frame"], urls, opts)
-    logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")
-    return report
+        outputs.log_to_mlflow(report, computed["per_frame"], urls, opts, log_videos=cfg.log_videos)
+        logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")
+        return report
 
 
 def _logger():

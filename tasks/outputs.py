@@ -216,14 +216,14 @@ def write_outputs(out: str, restored, prepared: xr.Dataset, fps: float, audio_fr
     return urls
 
 
-def log_to_mlflow(params: dict, report: dict, per_frame: dict, urls: dict, storage_options=None, log_videos: bool = False) -> None:
-    """Into the active MLflow run: the config (secrets redacted by infra.tracking), summary + per-frame metrics, the
-    outputs as artifacts (videos only with `log_videos`)."""
+def log_to_mlflow(report: dict, per_frame: dict, urls: dict, storage_options=None, log_videos: bool = False) -> None:
+    """Into the active MLflow run (its params were logged, redacted, when it opened): summary + per-frame metrics,
+    the outputs as artifacts (videos only with `log_videos`)."""
     import mlflow
 
     from infra import tracking
 
-    tracking.log_config(params, artifact_file="config.json")
+    mlflow.log_param("guidance_space_used", report["guidance_space"])
     flat = {}
     for key, value in report.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
