@@ -61,9 +61,9 @@ def run_stage(store: ArtifactStore, stage: str, key: str, compute) -> StageRecor
     return StageRecord(stage, key, False, time.perf_counter() - start)
 
 
-def batch_frames(bytes_per_frame: int, budget: int = BATCH_BYTES) -> int:
-    """Frames per batch so that one array of the batch holds about `budget` bytes (at least 1)."""
-    return max(1, int(budget) // max(1, int(bytes_per_frame)))
+def batch_frames(bytes_per_frame: int, budget: int | None = None) -> int:
+    """Frames per batch so that one array of the batch holds about `budget` bytes (BATCH_BYTES; at least 1)."""
+    return max(1, int(BATCH_BYTES if budget is None else budget) // max(1, int(bytes_per_frame)))
 
 
 def run_stage_chunked(store: ArtifactStore, stage: str, key: str, produce, attrs: dict | None = None) -> StageRecord:
