@@ -16,6 +16,8 @@ from storage.artifacts import frame_slices
 from storage.video import VideoError, VideoInfo
 from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
 
+MIN_SIDE = 16  # pixels: the smallest frame side the flow estimator and the models are run on
+
 
 def source_identity(url: str, storage_options: dict | None = None) -> str:
     """A cheap content identity of the input (fsspec ukey: size/mtime/etag), so a changed file gets a new key."""
@@ -64,6 +66,9 @@ def produce(writer, url: str, frame_range, storage_options) -> None:
 
     info = probe_video(url, storage_options)
     start, stop = checked_range(url, info, frame_range[0], frame_range[1])
+    if min(info.width, info.height) < MIN_SIDE:
+        raise VideoError(f"{url}: frames are {info.width}x{info.height} px; restore-video needs at least {MIN_SIDE} px on "
+                         "each side — upscale the clip first (e.g. ffmpeg -vf scale=...)")
     count = stop - start
     frames = iter_frames(url, start, stop, storage_options)
     first = next(frames)

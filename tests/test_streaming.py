@@ -133,6 +133,16 @@ def test_odd_sizes_are_padded_to_the_models_multiple_and_cropped_back(tmp_path, 
         assert known.mean() > 0.3 and np.array_equal(frames[known], reference[known])
 
 
+def test_frames_below_the_minimum_size_are_refused_with_the_way_out(tmp_path):
+    from storage.video import VideoError
+
+    clip = _clip(tmp_path / "tiny.mkv", 24, 12, frames=2)
+    store = ArtifactStore(str(tmp_path / "work"))
+    with pytest.raises(VideoError, match=r"24x12 px.*at least 16 px.*upscale"):
+        _stage.run_stage_chunked(store, "extract_frames", "e", lambda w: extract_stage.produce(w, clip, (0, None), None))
+    assert not store.exists("extract_frames", "e")
+
+
 # ---------------------------------------------------------------- streamed == whole clip
 
 
@@ -195,6 +205,19 @@ def test_a_hard_cut_starts_a_fresh_gp_chain(tmp_path):
     np.testing.assert_allclose(noise[5:6], fresh.numpy(), atol=1e-5)  # a re-seeded field, evaluated from identity
     corr = lambda x, y: float(np.corrcoef(x.ravel(), y.ravel())[0, 1])  # noqa: E731
     assert abs(corr(noise[4], noise[5])) < 0.1 < corr(noise[5], noise[6])  # independent across, coherent within
+
+
+def test_chained_positions_restart_at_cuts_and_carry_across_batches():
+    _, backward = flowops.synthetic_flows(12, 16, 6, flowops.translation_matrix(0.75, -0.5))
+    cuts = torch.tensor([False, False, True, False, False])
+    whole = flowops.chain_positions(backward, cuts)  # (6, 12, 16, 2)
+    grid = flowops.identity_grid(12, 16, backward.dtype)
+    assert torch.equal(whole[3], grid) and not torch.allclose(whole[2], grid)
+    np.testing.assert_allclose(whole[5], flowops.chain_positions(backward[3:])[2])  # the second shot on its own
+    carried = [grid]
+    for j in range(5):  # one frame at a time, as the streamed flow stage does
+        carried.append(grid if cuts[j] else flowops.chain_step(carried[-1], backward[j]))
+    assert torch.equal(torch.stack(carried), whole)
 
 
 def test_shot_cut_rule_on_measured_statistics():
