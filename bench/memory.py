@@ -28,6 +28,7 @@ STREAMED = ("extract_frames", "estimate_flow", "encode", "generate_noise", "deco
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "outputs")
 SIZE_SERIES_FRAMES = 4
 GOAL_RATIO = 1.3
+WINDOW = 16  # frames per sampling window, where the sample stage has windows
 DEFAULT_MAX_RSS_MB = 8192  # a configuration passing this is stopped and reported, not left to the OOM killer
 
 
@@ -75,6 +76,15 @@ def _keys(spec: dict) -> dict:
     return {"keys": k, "cfg": cfg, "base": base, "channels": info["latent_channels"], "space": space}
 
 
+def _window_kwargs() -> dict:
+    """Temporal windows for the sample stage where the sampler has them (they are not in the key)."""
+    import inspect
+
+    from tasks.sample import SamplerWorker
+
+    return {"window": WINDOW} if "window" in inspect.signature(SamplerWorker.sample).parameters else {}
+
+
 def run_stage(spec: dict, stage: str) -> None:
     """One stage of restore() with its own keys, in this process (`--stage`)."""
     import numpy as np
@@ -108,7 +118,7 @@ def run_stage(spec: dict, stage: str) -> None:
 
         SamplerWorker(cfg.model_name, threads=int(spec.get("threads", 1))).sample(
             w, {}, k["sample"], k["generate_noise"], k["encode"], k["estimate_flow"], cfg.steps, cfg.guidance_strength,
-            cfg.max_batch, d["space"])
+            cfg.max_batch, d["space"], **_window_kwargs())
     elif stage == "decode":
         decode.decode.fn(w, {}, k[stage], k["sample"], k["prepare"], cfg.model_name)
     elif stage == "outputs":  # restore() itself: every stage above is reused, metrics and the videos are computed
@@ -240,6 +250,7 @@ def run(frames=(32, 128, 512), sizes=((256, 256), (1280, 720), (1920, 1080)), st
         by_frames = {str(n): run_config(tmp, 256, 256, n, steps, skip_sampling=False, **kw) for n in frames}
         by_size = {f"{w}x{h}": run_config(tmp, w, h, SIZE_SERIES_FRAMES, steps, skip_sampling=True, **kw) for w, h in sizes}
     out = {"steps": steps, "stages": list(stages or STAGES), "max_rss_mb": max_rss_mb,
+           "sample_window": _window_kwargs().get("window", "none: the sample stage has no windows in this branch"),
            "size_series_frames": SIZE_SERIES_FRAMES, "by_frames": by_frames, "by_size": by_size}
     first, last = by_frames[str(frames[0])], by_frames[str(frames[-1])]
     for label in ("peak_rss_mb", "streamed_peak_rss_mb"):
