@@ -4,7 +4,7 @@ each stage in its own process, for the same 256x256 clip at 32, 128 and 512 fram
 
 Each clip runs every stage, one after another, in a fresh process (`--config`) started by a wrapper process
 (`--measure`) that reads `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` once it has exited: `peak_rss_mb` is the
-pipeline's peak. Per stage: seconds and peak RSS (VmHWM, reset before each stage); `streamed_peak_rss_mb` is the
+pipeline's peak (the largest of that and the per-stage peaks, since resetting VmHWM resets ru_maxrss too). Per stage: seconds and peak RSS (VmHWM, reset before each stage); `streamed_peak_rss_mb` is the
 largest over the stages that stream frame batches. The goal: peak RSS at 512 frames <= 1.3 x the peak at 32.
 
 python -m bench.memory --json [--frames 32,128,512] [--sizes 256x256,1280x720,1920x1080] [--steps 2]
@@ -162,6 +162,7 @@ def run_all_stages(spec: dict) -> dict:
         start = time.perf_counter()
         run_stage(spec, stage)
         stages[stage] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": _peak_mb()}
+        print(f"bench.memory done {json.dumps({stage: stages[stage]})}", file=sys.stderr, flush=True)
     return {"stages": stages, "per_stage_peak": "VmHWM reset per stage" if resettable else "running peak"}
 
 
@@ -179,12 +180,21 @@ def measure(spec: dict) -> dict:
     wall = time.perf_counter() - start
     peak_mb = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)  # Linux: kilobytes
     if killed:
+        done = {}
+        for line in stderr.splitlines():
+            if line.startswith("bench.memory done "):
+                done.update(json.loads(line[len("bench.memory done "):]))
+        peak_mb = max([peak_mb] + [v["peak_rss_mb"] for v in done.values()])
         return {"error": f"stopped at {peak_mb} MB RSS (limit {spec.get('max_rss_mb', DEFAULT_MAX_RSS_MB)} MB) "
-                         f"during {_last_stage(stderr)}", "peak_rss_mb": peak_mb}
+                         f"during {_last_stage(stderr)}", "peak_rss_mb": peak_mb, "stages_done": done}
     lines = [l for l in stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}: {(stderr.strip().splitlines() or [''])[-1]}"}
-    return {"peak_rss_mb": peak_mb, "process_s": round(wall, 1), **json.loads(lines[-1])}
+    result = json.loads(lines[-1])
+    # Resetting VmHWM resets the kernel's hiwater mark that ru_maxrss reports too: the child's ru_maxrss is then the
+    # last stage's peak, and the pipeline's peak is the largest of it and every stage's own peak.
+    peak_mb = max([peak_mb] + [v["peak_rss_mb"] for v in result["stages"].values()])
+    return {"peak_rss_mb": peak_mb, "process_s": round(wall, 1), **result}
 
 
 def _watch(proc, limit_mb: float) -> bool:
