@@ -1,11 +1,13 @@
-"""Memory and time against clip length and frame size: peak RSS and seconds per frame of every restore-video stage,
-each stage in its own process, for the same 256x256 clip at 32, 128 and 512 frames, and for 256x256, 1280x720 and
+"""Memory and time against clip length and frame size: peak RSS and seconds per frame of every restore-video stage
+for the same 256x256 clip at 32, 128 and 512 frames, and for 256x256, 1280x720 and
 1920x1080 frames (8x SR benchmark, embedded model, few steps; clips made here with PyAV).
 
 Each clip runs every stage, one after another, in a fresh process (`--config`) started by a wrapper process
 (`--measure`) that reads `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` once it has exited: `peak_rss_mb` is the
-pipeline's peak (the largest of that and the per-stage peaks, since resetting VmHWM resets ru_maxrss too). Per stage: seconds and peak RSS (VmHWM, reset before each stage); `streamed_peak_rss_mb` is the
-largest over the stages that stream frame batches. The goal: peak RSS at 512 frames <= 1.3 x the peak at 32.
+pipeline's peak (the largest of that and the per-stage peaks, since resetting VmHWM resets ru_maxrss too). Per stage:
+seconds, peak RSS (VmHWM, reset before each stage, after freed memory went back to the OS) and its rise over the
+stage's starting RSS; `streamed_peak_rss_mb` is the largest peak over the stages that stream frame batches.
+The goal: peak RSS at 512 frames <= 1.3 x the peak at 32.
 
 python -m bench.memory --json [--frames 32,128,512] [--sizes 256x256,1280x720,1920x1080] [--steps 2]
 """
@@ -143,25 +145,41 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mb() -> float:
-    """This process's peak RSS since the last reset (VmHWM), in MiB."""
+def _status_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS: now, VmHWM: peak since the last reset), in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
 
 
+def _trim() -> None:
+    """Give memory freed by the previous stage back to the OS (gc + malloc_trim), so a stage's peak is its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def run_all_stages(spec: dict) -> dict:
-    """Every stage in this process (`--config`), one after another: per-stage seconds and peak RSS (VmHWM reset
-    before each stage where the kernel allows it; otherwise the running peak)."""
+    """Every stage in this process (`--config`), one after another: per-stage seconds, peak RSS (VmHWM reset
+    before each stage where the kernel allows it; otherwise the running peak) and rise (peak - RSS at its start)."""
     stages, resettable = {}, True
     for stage in spec.get("stages") or STAGES:
         print(f"bench.memory stage {stage}", file=sys.stderr, flush=True)
+        _trim()
         resettable = _reset_peak() and resettable
+        before = _status_mb("VmRSS")
         start = time.perf_counter()
         run_stage(spec, stage)
-        stages[stage] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": _peak_mb()}
+        peak = _status_mb("VmHWM")
+        stages[stage] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak,
+                         "rise_mb": round(peak - before, 1)}
         print(f"bench.memory done {json.dumps({stage: stages[stage]})}", file=sys.stderr, flush=True)
     return {"stages": stages, "per_stage_peak": "VmHWM reset per stage" if resettable else "running peak"}
 
@@ -245,6 +263,7 @@ def run_config(tmp: str, width: int, height: int, frames: int, steps: int, skip_
         "frames": frames, "size": f"{width}x{height}",
         "peak_rss_mb": result["peak_rss_mb"],
         "streamed_peak_rss_mb": max((stages[s]["peak_rss_mb"] for s in STREAMED if s in stages), default=None),
+        "streamed_rise_mb": {s: stages[s]["rise_mb"] for s in STREAMED if s in stages},
         "s_per_frame": round(sum(v["seconds"] for v in stages.values()) / frames, 3),
         "largest_stage": max(stages, key=lambda s: stages[s]["peak_rss_mb"]),
         "stages": stages, "per_stage_peak": result["per_stage_peak"],

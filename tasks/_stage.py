@@ -11,7 +11,7 @@ from storage.artifacts import ArtifactStore, artifact_key, canonical_json
 
 # Streaming stages work on batches of frames holding about this many bytes per array (at least one frame), so
 # their memory is bounded by the frame size, not the clip length.
-BATCH_BYTES = 64 * 2**20
+BATCH_BYTES = 32 * 2**20
 
 # Bump a stage's version when its code changes what it writes: old artifacts are then not reused.
 VERSIONS = {
