@@ -74,13 +74,12 @@ def produce(writer, url: str, frame_range, storage_options) -> None:
     first = next(frames)
     h, w = first.shape[:2]
     writer.create("frames", ("frame", "y", "x", "rgb"), (count, h, w, 3), np.uint8)
-    batch = batch_frames(first.nbytes)
-    pending = [first]
-    for s in frame_slices(count, batch):
-        while len(pending) < s.stop - s.start:
-            pending.append(next(frames))
-        writer.write("frames", s.start, np.stack(pending))  # (B, H, W, 3)
-        pending = []
+    buffer = np.empty((min(batch_frames(first.nbytes), count), h, w, 3), np.uint8)  # (B, H, W, 3), reused
+    buffer[0] = first
+    for s in frame_slices(count, buffer.shape[0]):
+        for i in range(1 if s.start == 0 else 0, s.stop - s.start):
+            buffer[i] = next(frames)
+        writer.write("frames", s.start, buffer[: s.stop - s.start])
     writer.attrs.update({"source": url, "fps": float(info.fps), "first_frame": start,
                          **{f"info_{k}": v for k, v in info.to_dict().items() if v is not None}})
 

@@ -264,3 +264,19 @@ def test_chunked_writer_on_s3(s3_server, s3_bucket):
         w.write("x", 3, x[3:])
     assert store.exists("s", "k")
     np.testing.assert_array_equal(store.open("s", "k")["x"].values, x)
+
+
+@pytest.mark.slow
+def test_qcif_sr8_benchmark_end_to_end(tmp_path):
+    """The issue's crash: a 176x144 clip, --task sr8 --mode benchmark, died in the UNet (latent of 18 rows)."""
+    from flows.cli import main
+    from storage.video import probe_video
+
+    clip = _clip(tmp_path / "qcif.mp4", 176, 144, frames=5)
+    code = main(["run", clip, "--task", "sr8", "--mode", "benchmark", "--steps", "2", "--executor", "inline",
+                 "--out", str(tmp_path / "out"), "--work-root", str(tmp_path / "work"), "--json"])
+    assert code == 0
+    info = probe_video(str(tmp_path / "out" / "restored.mp4"))
+    assert (info.frames, info.width, info.height) == (5, 176, 144)
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["psnr"] > 20
