@@ -19,25 +19,34 @@ from tasks.models import get_model, model_identity, pad_multiple
 MODEL_BATCH = 8  # frames per model call (the autoencoder's activations, not the arrays, bound this)
 
 
-def encode_key(prepare: str, model: str) -> str:
-    return stage_key("encode", {"model": model_identity(model)}, {"prepare": prepare})
+def encode_key(prepare: str, model: str, dtype: str = "float32") -> str:
+    params = {"model": model_identity(model)}
+    if dtype != "float32":  # reduced precision changes the latents; float32 keys stay as they were
+        params["dtype"] = dtype
+    return stage_key("encode", params, {"prepare": prepare})
 
 
-def produce(writer, cond, mask, model_name: str) -> None:
+def load_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
+    """The stage's model on `device` (in `dtype` where the loader takes one)."""
+    return get_model(model_name, device) if dtype == "float32" else get_model(model_name, device, dtype)
+
+
+def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str = "float32") -> None:
     """cond (F, H, W, 3) uint8 and mask (F, H, W) or None, both lazy -> `cond_latents` (F, Cc, Hp/f, Wp/f)."""
-    model = get_model(model_name)
+    model = load_model(model_name, device, dtype)
+    device = next(model.parameters()).device
     multiple = pad_multiple(model_name)
     frames, height, width = (int(n) for n in cond.shape[:3])
     batch = min(MODEL_BATCH, batch_frames(height * width * 3 * 4))
     for s in frame_slices(frames, batch):
         images, _ = pad_to_multiple(np.asarray(cond[s]), multiple)  # (B, Hp, Wp, 3)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, Hp, Wp)
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).to(device)  # (B, 3, Hp, Wp)
         m = None
         if mask is not None:
             holes, _ = pad_to_multiple(np.asarray(mask[s])[..., None], multiple)  # (B, Hp, Wp, 1)
-            m = torch.from_numpy(holes).permute(0, 3, 1, 2).float()  # (B, 1, Hp, Wp)
+            m = torch.from_numpy(holes).permute(0, 3, 1, 2).float().to(device)  # (B, 1, Hp, Wp)
         with torch.no_grad():
-            latents = model.condition(x, m).float().numpy()  # (B, Cc, Hp/f, Wp/f)
+            latents = model.condition(x, m).float().cpu().numpy()  # (B, Cc, Hp/f, Wp/f)
         if s.start == 0:
             writer.create("cond_latents", ("frame", "c", "ly", "lx"), (frames,) + latents.shape[1:], np.float32)
         writer.write("cond_latents", s.start, latents)
@@ -45,12 +54,13 @@ def produce(writer, cond, mask, model_name: str) -> None:
 
 
 @task(name="encode", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def encode(work_root: str, storage_options: dict, key: str, prepare: str, model_name: str) -> StageRecord:
+def encode(work_root: str, storage_options: dict, key: str, prepare: str, model_name: str, device: str = "cpu",
+           dtype: str = "float32") -> StageRecord:
     store = store_for(work_root, storage_options)
 
     def produce_from_store(writer):
         prepared = store.open("prepare", prepare)
         mask = prepared["mask"].data if "mask" in prepared else None
-        produce(writer, prepared["cond"].data, mask, model_name)
+        produce(writer, prepared["cond"].data, mask, model_name, device, dtype)
 
     return run_stage_chunked(store, "encode", key, produce_from_store)

@@ -2,9 +2,9 @@
 pairs in parallel with Dask; forward-backward occlusion masks; shot cuts; chained positions; latent-grid flows.
 
 Sizes: the conditioning frames (H, W) are reflect-padded at the bottom/right to the model's multiple
-(`tasks.models.pad_multiple`: latent factor x the denoiser's downsampling) and every array here lives on that
-padded grid (Hp, Wp) and its latent grid (Hp/f, Wp/f) — the grid the encode, noise and sample stages use.
-Decode crops back. attrs: height/width (unpadded), padded_height/padded_width, factor, multiple, cuts.
+(`tasks.models.pad_multiple`: latent factor x the denoiser's downsampling; a no-op when prepare already padded
+to it) and every array here lives on that padded grid (Hp, Wp) and its latent grid (Hp/f, Wp/f) — the grid the
+encode, noise and sample stages use. Decode crops back. attrs: height/width (unpadded), padded_height/padded_width, factor, multiple, cuts.
 
 Streaming: frames are read and written in batches (`tasks._stage.batch_frames`); the positions chained to
 the first frame of each shot are carried from one batch to the next, so the result does not depend on the
@@ -35,11 +35,9 @@ from tasks.models import model_geometry
 _BYTES_PER_PIXEL = 64
 
 
-def flow_key(prepare: str, backend: str, model_name: str | None = None) -> str:
-    """model_name: the model that samples (its latent factor and pad multiple shape the grids); None: the
-    prepared task's default model."""
-    geometry = None if model_name is None else {k: v for k, v in model_geometry(model_name).items() if k != "downsampling"}
-    return stage_key("estimate_flow", {"backend": backend, "geometry": geometry}, {"prepare": prepare})
+def flow_key(prepare: str, backend: str, factor: int | None = None, multiple: int | None = None) -> str:
+    """factor/multiple: the sampling model's latent factor and pad multiple (see `geometry_for`)."""
+    return stage_key("estimate_flow", {"backend": backend, "factor": factor, "multiple": multiple}, {"prepare": prepare})
 
 
 def pair_flow(src: np.ndarray, dst: np.ndarray, backend: str) -> np.ndarray:
@@ -68,9 +66,14 @@ def estimate(frames: np.ndarray, backend: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(results[:n]), np.stack(results[n:])
 
 
-def geometry_for(model_name: str | None, task_name: str) -> dict:
-    """The sampling model's geometry; a task name resolves to its default model (`storage.models.resolve`)."""
-    return model_geometry(model_name or task_name)
+def geometry_for(task_name: str, factor: int | None = None, multiple: int | None = None) -> dict:
+    """{"factor", "multiple"} the flows are computed for. factor None: the task's default model (its card);
+    multiple None: the factor itself (the prepared frames are already multiples of the model's multiple, as a
+    prepare stage that pads to `tasks.models.pad_multiple` makes them)."""
+    if factor is None:
+        geometry = model_geometry(task_name)  # a task name resolves to its default model
+        return {"factor": geometry["factor"], "multiple": multiple or geometry["multiple"]}
+    return {"factor": int(factor), "multiple": int(multiple or factor)}
 
 
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -154,13 +157,13 @@ def produce(writer, cond, backend: str, geometry: dict) -> None:
 
 
 @task(name="estimate_flow", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def estimate_flow(work_root: str, storage_options: dict, key: str, prepare: str, backend: str,
-                  model_name: str | None = None) -> StageRecord:
-    """model_name: as in `flow_key` (None: the prepared task's default model)."""
+def estimate_flow(work_root: str, storage_options: dict, key: str, prepare: str, backend: str, factor: int | None = None,
+                  multiple: int | None = None) -> StageRecord:
+    """factor/multiple: as in `geometry_for` (None: the prepared task's default model)."""
     store = store_for(work_root, storage_options)
 
     def produce_from_store(writer):
         prepared = store.open("prepare", prepare)
-        produce(writer, prepared["cond"].data, backend, geometry_for(model_name, prepared.attrs["task"]))
+        produce(writer, prepared["cond"].data, backend, geometry_for(prepared.attrs["task"], factor, multiple))
 
     return run_stage_chunked(store, "estimate_flow", key, produce_from_store)

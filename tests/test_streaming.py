@@ -57,7 +57,7 @@ def _stages(tmp_path, clip, task, mode, model, seed=0, backend="dis", method="gp
         store.open("extract_frames", k["extract"]).load(), task, mode, seed, None, None))
     prepared = store.open("prepare", k["prepare"])
     _stage.run_stage_chunked(store, "estimate_flow", k["flow"], lambda w: flow_stage.produce(
-        w, prepared["cond"].data, backend, flow_stage.geometry_for(model, task)))
+        w, prepared["cond"].data, backend, flow_stage.geometry_for(task, model_geometry(model)["factor"], pad_multiple(model))))
     mask = prepared["mask"].data if "mask" in prepared else None
     _stage.run_stage_chunked(store, "encode", k["encode"], lambda w: encode_stage.produce(w, prepared["cond"].data, mask, model))
     channels = model_info(model)["latent_channels"]
