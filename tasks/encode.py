@@ -14,7 +14,7 @@ from prefect import task
 from storage.artifacts import frame_slices
 from storage.video import pad_to_multiple
 from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
-from tasks.models import get_model, model_identity, pad_multiple
+from tasks.models import get_model, model_identity, model_info, pad_multiple
 
 MODEL_BATCH = 8  # frames per model call (the autoencoder's activations, not the arrays, bound this)
 
@@ -31,11 +31,14 @@ def load_model(model_name: str, device: str = "cpu", dtype: str = "float32"):
     return get_model(model_name, device) if dtype == "float32" else get_model(model_name, device, dtype)
 
 
-def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str = "float32") -> None:
-    """cond (F, H, W, 3) uint8 and mask (F, H, W) or None, both lazy -> `cond_latents` (F, Cc, Hp/f, Wp/f)."""
+def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str = "float32", scale: int = 1) -> None:
+    """cond (F, H, W, 3) uint8 and mask (F, H, W) or None, both lazy -> `cond_latents` (F, Cc, Hp/f, Wp/f).
+
+    scale: the model's frames are `scale` times the size of `cond` (an upscaler conditioned on the low-res frame
+    itself): `cond` is then padded to the model's multiple / scale."""
     model = load_model(model_name, device, dtype)
     device = next(model.parameters()).device
-    multiple = pad_multiple(model_name)
+    multiple = max(1, pad_multiple(model_name) // scale)
     frames, height, width = (int(n) for n in cond.shape[:3])
     batch = min(MODEL_BATCH, batch_frames(height * width * 3 * 4))
     for s in frame_slices(frames, batch):
@@ -61,6 +64,8 @@ def encode(work_root: str, storage_options: dict, key: str, prepare: str, model_
     def produce_from_store(writer):
         prepared = store.open("prepare", prepare)
         mask = prepared["mask"].data if "mask" in prepared else None
-        produce(writer, prepared["cond"].data, mask, model_name, device, dtype)
+        source = "input" if model_info(model_name)["task"] == "sr4" else "cond"  # the x4 upscaler takes the low-res frame
+        scale = int(prepared["cond"].shape[2]) // int(prepared[source].shape[2])
+        produce(writer, prepared[source].data, mask, model_name, device, dtype, scale)
 
     return run_stage_chunked(store, "encode", key, produce_from_store)
