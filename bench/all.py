@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("noise_warp", "sampling", "models", "end_to_end", "solvers")
+BENCHES = ("noise_warp", "sampling", "models", "end_to_end", "solvers", "memory")
 
 
 def run_one(name: str, timeout: float = 3600) -> dict:

@@ -105,6 +105,30 @@ def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
         progress.close()
 
 
+def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
+    """Every stage's content key from the settings alone (keys hash parameters and upstream keys, never data), in one
+    place for restore() and bench.memory. Also `_model` (model_info + multiple, base noise) and `_space` (guidance)."""
+    opts = cfg.storage_options
+    model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
+    if model["task"] != cfg.task:
+        raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
+    model = {**model, "multiple": pad_multiple(cfg.model_name),  # frame sizes the model takes
+             "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
+    space = resolve_guidance_space(cfg.guidance_space, model)
+    mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
+    k = {"extract_frames": extract_stage.extract_key(cfg.input, cfg.frame_range, opts)}
+    k["prepare"] = prepare_stage.prepare_key(k["extract_frames"], cfg.task, cfg.mode, cfg.seed, mask_ident, model["multiple"])
+    k["estimate_flow"] = flow_stage.flow_key(k["prepare"], cfg.flow_backend, model["factor"])
+    k["encode"] = encode_stage.encode_key(k["prepare"], cfg.model_name, cfg.dtype)
+    k["generate_noise"] = noise_stage.noise_key(k["estimate_flow"], cfg.noise_method, cfg.seed, model["latent_channels"],
+                                                model["base"])
+    k["sample"] = sample_stage.sample_key(k["generate_noise"], k["encode"], k["estimate_flow"], cfg.model_name, cfg.steps,
+                                          cfg.guidance_strength, cfg.max_batch, space, cfg.text, cfg.dtype, tile=tile)
+    k["decode"] = decode_stage.decode_key(k["sample"], k["prepare"], cfg.model_name, cfg.dtype)
+    k["metrics"] = outputs.metrics_key(k["decode"], k["prepare"], k["estimate_flow"], k["sample"])
+    return {**k, "_model": model, "_space": space}
+
+
 def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> dict:
     """Run every stage for one video; returns the metrics.json report."""
     from infra import tracking
@@ -130,32 +154,23 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         records: dict[str, StageRecord] = {}
 
         # 1-2. frames and conditioning
-        k_extract = extract_stage.extract_key(cfg.input, cfg.frame_range, opts)
-        records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k_extract, cfg.input, cfg.frame_range)
-        mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
-        multiple = pad_multiple(cfg.model_name)  # frame sizes the model takes
-        k_prep = prepare_stage.prepare_key(k_extract, cfg.task, cfg.mode, cfg.seed, mask_ident, multiple)
-        records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k_prep, k_extract, cfg.task, cfg.mode, cfg.seed, cfg.mask,
-                                                   multiple)
+        k = derive_keys(cfg, plan.tile)  # every stage's content key, from the settings alone
+        model, space = k.pop("_model"), k.pop("_space")
+        records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k["extract_frames"], cfg.input, cfg.frame_range)
+        records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k["prepare"], k["extract_frames"], cfg.task, cfg.mode,
+                                                   cfg.seed, cfg.mask, model["multiple"])
         # 3. flow (latent flows at the model's latent factor)
-        model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
-        if model["task"] != cfg.task:
-            raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-        k_flow = flow_stage.flow_key(k_prep, cfg.flow_backend, model["factor"])
-        records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend, model["factor"])
+        records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k["estimate_flow"], k["prepare"], cfg.flow_backend,
+                                                            model["factor"])
         # 4-5. conditioning latents and initial noise
-        k_enc = encode_stage.encode_key(k_prep, cfg.model_name, cfg.dtype)
-        records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name, cfg.device, cfg.dtype)
-        base = model["noise"] if model["noise"] in ("gp", "white") else "white"
-        channels = model["latent_channels"]
-        k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
-        records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, channels, base)
+        records["encode"] = encode_stage.encode(cfg.work_root, opts, k["encode"], k["prepare"], cfg.model_name, cfg.device, cfg.dtype)
+        records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k["generate_noise"], k["estimate_flow"],
+                                                               cfg.noise_method, cfg.seed, model["latent_channels"], model["base"])
         # 6. sampling (the expensive stage)
-        space = resolve_guidance_space(cfg.guidance_space, model)
-        k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
-                                           space, cfg.text, cfg.dtype, tile=plan.tile)
-        request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
-                       steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space, text=cfg.text)
+        k_sample = k["sample"]
+        request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k["generate_noise"], encode=k["encode"],
+                       flow=k["estimate_flow"], steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch,
+                       guidance_space=space, text=cfg.text)
         # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
         if plan.window < plan.frames:
             request["window"] = plan.window
@@ -167,16 +182,15 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
             logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
             records["sample"] = run_sampling(cfg, request, pool)
         # 7. decode
-        k_dec = decode_stage.decode_key(k_sample, k_prep, cfg.model_name, cfg.dtype)
-        records["decode"] = decode_stage.decode(cfg.work_root, opts, k_dec, k_sample, k_prep, cfg.model_name, cfg.device, cfg.dtype)
+        records["decode"] = decode_stage.decode(cfg.work_root, opts, k["decode"], k_sample, k["prepare"], cfg.model_name,
+                                                cfg.device, cfg.dtype)
 
         # 8. metrics and outputs
         t_out = time.perf_counter()
-        restored = store.open("decode", k_dec)  # lazy: metrics and the writers read chunks of frames
-        prepared = store.open("prepare", k_prep)
-        extracted = store.open("extract_frames", k_extract)
-        k_metrics = outputs.metrics_key(k_dec, k_prep, k_flow, k_sample)
-        computed, records["metrics"] = outputs.cached_metrics(store, k_metrics, restored, prepared, k_flow, k_sample)
+        restored = store.open("decode", k["decode"])  # lazy: metrics and the writers read chunks of frames
+        prepared = store.open("prepare", k["prepare"])
+        extracted = store.open("extract_frames", k["extract_frames"])
+        computed, records["metrics"] = outputs.cached_metrics(store, k["metrics"], restored, prepared, k["estimate_flow"], k_sample)
         fps = float(extracted.attrs["fps"])
         report = {
             "task": cfg.task,

@@ -144,31 +144,48 @@ class ArtifactStore:
             return self.url(stage, key)
         final = self._path(stage, f"{key}.zarr")
         enc = {**_default_encoding(ds), **(encoding or {})}
-        marker = canonical_json({"key": key, "stage": stage, "time": time.time()}).encode()
         if not self.local:
             # Object stores have no rename (mv = copy): write in place, marker last.
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
             self._to_zarr(ds, final, enc)
-            self.fs.pipe_file(f"{final}/{MARKER}", marker)
+            self._put_marker(stage, key)
             return self.url(stage, key)
-        tmp = self._path(stage, f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}.zarr")
+        tmp = self._tmp_path(stage, key)
         try:
             self._to_zarr(ds, tmp, enc)
-            with open(os.path.join(tmp, MARKER), "wb") as f:
-                f.write(marker)
-            if os.path.exists(final):  # incomplete leftover, or overwrite
-                if not overwrite and os.path.exists(os.path.join(final, MARKER)):
-                    return self.url(stage, key)  # a concurrent writer won; same content
-                _rmtree(final)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(os.path.join(final, MARKER)):
-                    raise
+            return self._publish_dir(stage, key, tmp, overwrite)
         finally:
             if os.path.exists(tmp):
                 _rmtree(tmp)
+
+    def _tmp_path(self, stage: str, key: str) -> str:
+        return self._path(stage, f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}.zarr")
+
+    def _put_marker(self, stage: str, key: str) -> None:
+        """Object stores: the completion marker, written last (its presence is what `exists` checks)."""
+        marker = canonical_json({"key": key, "stage": stage, "time": time.time()}).encode()
+        self.fs.pipe_file(self._path(stage, f"{key}.zarr/{MARKER}"), marker)
+
+    def writer(self, stage: str, key: str, attrs: dict | None = None) -> "ChunkedWriter":
+        """A ChunkedWriter for an artifact written frame slice by frame slice (see ChunkedWriter)."""
+        return ChunkedWriter(self, stage, key, attrs)
+
+    def _publish_dir(self, stage: str, key: str, tmp: str, overwrite: bool = False) -> str:
+        """Marker into the finished local temp dir, then rename it to the final name (a concurrent winner is kept)."""
+        final = self._path(stage, f"{key}.zarr")
+        marker = canonical_json({"key": key, "stage": stage, "time": time.time()}).encode()
+        with open(os.path.join(tmp, MARKER), "wb") as f:
+            f.write(marker)
+        if os.path.exists(final):  # incomplete leftover, or overwrite
+            if not overwrite and os.path.exists(os.path.join(final, MARKER)):
+                return self.url(stage, key)  # a concurrent writer won; same content
+            _rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(os.path.join(final, MARKER)):
+                raise
         return self.url(stage, key)
 
     def _to_zarr(self, ds: xr.Dataset, path: str, encoding: dict) -> None:
@@ -226,6 +243,95 @@ class ArtifactStore:
             return max(ts) if ts else math.inf
         except FileNotFoundError:
             return math.inf
+
+
+def frame_slices(frames: int, batch: int) -> list[slice]:
+    """[0, frames) cut into consecutive slices of at most `batch` frames."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1 frame, got {batch}")
+    return [slice(s, min(s + batch, frames)) for s in range(0, frames, batch)]
+
+
+class ChunkedWriter:
+    """An artifact written in frame slices, never held whole, then published like `ArtifactStore.write`.
+
+        with store.writer("decode", key, attrs={...}) as w:
+            w.create("frames", ("frame", "y", "x", "rgb"), (F, H, W, 3), np.uint8)
+            for s in frame_slices(F, 8):
+                w.write("frames", s.start, frames_of(s))   # (len(s), H, W, 3)
+        # published here: temp dir + marker + rename (local), or in place with the marker last (object stores)
+
+    Variables are zarr v3 arrays chunked along their first dim (`frame` or `pair`, `chunk_frames` per chunk,
+    1 by default), Blosc-zstd compressed, with xarray's dimension names, so `ArtifactStore.open` reads them
+    lazily like any other artifact. An exception inside the `with` removes the partial artifact.
+    """
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str, attrs: dict | None = None):
+        self.store, self.stage, self.key = store, stage, key
+        self.attrs = dict(attrs or {})
+        self.path = store._tmp_path(stage, key) if store.local else store._path(stage, f"{key}.zarr")
+        self.arrays: dict = {}
+        self._group = None
+
+    def __enter__(self) -> "ChunkedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.abort()
+
+    def _open_group(self):
+        import zarr
+
+        if self._group is None:
+            target, opts = self.store._zarr_target(self.path)
+            if not self.store.local and self.store.fs.exists(self.path):
+                self.store.fs.rm(self.path, recursive=True)  # an unfinished leftover (no marker)
+            kw = {"storage_options": opts} if opts else {}
+            self._group = zarr.open_group(target, mode="w", zarr_format=3, **kw)
+        return self._group
+
+    def create(self, name: str, dims: tuple, shape: tuple, dtype, chunk_frames: int = 1) -> None:
+        """Declare a variable of known shape; its first dim is the chunked one."""
+        if len(dims) != len(shape):
+            raise ValueError(f"{name}: dims {dims} and shape {shape} differ in length")
+        comp = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+        chunks = (max(1, min(chunk_frames, shape[0])),) + tuple(shape[1:]) if shape[0] else tuple(max(1, n) for n in shape)
+        dtype = np.dtype(dtype)
+        fill = False if dtype == bool else 0
+        self.arrays[name] = self._open_group().create_array(
+            name, shape=tuple(shape), dtype=dtype, chunks=chunks, compressors=(comp,), fill_value=fill,
+            dimension_names=tuple(dims), overwrite=True)
+
+    def write(self, name: str, start: int, values: np.ndarray) -> None:
+        """values -> variable[start : start + len(values)] along the first dim."""
+        arr = self.arrays[name]
+        values = np.asarray(values)
+        if values.shape[1:] != arr.shape[1:] or start < 0 or start + values.shape[0] > arr.shape[0]:
+            raise ValueError(f"{name}: cannot write {values.shape} at {start} into {arr.shape}")
+        arr[start : start + values.shape[0]] = values.astype(arr.dtype, copy=False)
+
+    def publish(self) -> str:
+        """Write the attrs, then publish atomically (marker last); returns the artifact's URL."""
+        group = self._open_group()
+        group.attrs.update(json.loads(json.dumps(self.attrs, default=_jsonable)))
+        if not self.store.local:
+            self.store._put_marker(self.stage, self.key)
+            return self.store.url(self.stage, self.key)
+        try:
+            return self.store._publish_dir(self.stage, self.key, self.path)
+        finally:
+            if os.path.exists(self.path):
+                _rmtree(self.path)
+
+    def abort(self) -> None:
+        """Remove what was written (nothing is published)."""
+        if self.store.local:
+            _rmtree(self.path)
+        elif self.store.fs.exists(self.path):
+            self.store.fs.rm(self.path, recursive=True)
 
 
 def _rmtree(path: str) -> None:

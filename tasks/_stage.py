@@ -9,15 +9,19 @@ from functools import lru_cache
 
 from storage.artifacts import ArtifactStore, artifact_key, canonical_json
 
+# Streaming stages work on batches of frames holding about this many bytes per array (at least one frame), so
+# their memory is bounded by the frame size, not the clip length.
+BATCH_BYTES = 32 * 2**20
+
 # Bump a stage's version when its code changes what it writes: old artifacts are then not reused.
 VERSIONS = {
-    "extract_frames": "1",
+    "extract_frames": "2",  # 2: streamed
     "prepare": "1",
-    "estimate_flow": "1",
-    "encode": "1",
-    "generate_noise": "1",
+    "estimate_flow": "2",  # 2: padded to the model's multiple, shot cuts, streamed
+    "encode": "2",  # 2: padded to the model's multiple, streamed
+    "generate_noise": "2",  # 2: a fresh GP draw per shot, streamed
     "sample": "1",
-    "decode": "2",  # 2: sr8 back-projection onto the low-res input
+    "decode": "3",  # 2: sr8 back-projection onto the low-res input; 3: crops the model's padding, streamed
     "metrics": "1",
 }
 
@@ -54,6 +58,22 @@ def run_stage(store: ArtifactStore, stage: str, key: str, compute) -> StageRecor
         return StageRecord(stage, key, True, time.perf_counter() - start)
     ds = compute()
     store.write(stage, key, ds)
+    return StageRecord(stage, key, False, time.perf_counter() - start)
+
+
+def batch_frames(bytes_per_frame: int, budget: int | None = None) -> int:
+    """Frames per batch so that one array of the batch holds about `budget` bytes (BATCH_BYTES; at least 1)."""
+    return max(1, int(BATCH_BYTES if budget is None else budget) // max(1, int(bytes_per_frame)))
+
+
+def run_stage_chunked(store: ArtifactStore, stage: str, key: str, produce, attrs: dict | None = None) -> StageRecord:
+    """Skip when the artifact exists; otherwise `produce(writer)` writes it slice by slice (a ChunkedWriter), then
+    it is published atomically, as `run_stage` does for a whole Dataset."""
+    start = time.perf_counter()
+    if store.exists(stage, key):
+        return StageRecord(stage, key, True, time.perf_counter() - start)
+    with store.writer(stage, key, attrs) as writer:
+        produce(writer)
     return StageRecord(stage, key, False, time.perf_counter() - start)
 
 

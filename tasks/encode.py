@@ -1,16 +1,22 @@
-"""Stage encode: conditioning frames (and masks) -> conditioning latents (frame, c, ly, lx)."""
+"""Stage encode: conditioning frames (and masks) -> conditioning latents (frame, c, ly, lx).
+
+Sizes: the prepared frames (H, W) and masks are reflect-padded at the bottom/right to the model's multiple
+(`tasks.models.pad_multiple`), so the latents cover the padded grid (Hp/f, Wp/f) that the flow, noise and
+sample stages share; decode crops the padding off. Streamed: frames are read, encoded and written in batches.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import xarray as xr
 from prefect import task
 
-from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
-from tasks.models import get_model, model_identity
+from storage.artifacts import frame_slices
+from storage.video import pad_to_multiple
+from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
+from tasks.models import get_model, model_identity, model_info, pad_multiple
 
-BATCH = 8
+MODEL_BATCH = 8  # frames per model call (the autoencoder's activations, not the arrays, bound this)
 
 
 def encode_key(prepare: str, model: str, dtype: str = "float32") -> str:
@@ -20,22 +26,41 @@ def encode_key(prepare: str, model: str, dtype: str = "float32") -> str:
     return stage_key("encode", params, {"prepare": prepare})
 
 
-def compute(prepared: xr.Dataset, model_name: str, device: str = "cpu", dtype: str = "float32") -> xr.Dataset:
+def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str = "float32", scale: int = 1) -> None:
+    """cond (F, H, W, 3) uint8 and mask (F, H, W) or None, both lazy -> `cond_latents` (F, Cc, Hp/f, Wp/f).
+
+    scale: the model's frames are `scale` times the size of `cond` (an upscaler conditioned on the low-res frame
+    itself): `cond` is then padded to the model's multiple / scale."""
     model = get_model(model_name, device, dtype)
     device = next(model.parameters()).device
-    source = "input" if model.task == "sr4" else "cond"  # the x4 upscaler is conditioned on the low-res frame itself
-    cond = (torch.from_numpy(prepared[source].values).permute(0, 3, 1, 2).float() / 255.0).to(device)  # (F, 3, H, W)
-    mask = torch.from_numpy(prepared["mask"].values)[:, None].float().to(device) if "mask" in prepared else None
-    out = []
-    with torch.no_grad():
-        for s in range(0, cond.shape[0], BATCH):
-            out.append(model.condition(cond[s : s + BATCH], None if mask is None else mask[s : s + BATCH]))
-    latents = torch.cat(out).float().cpu().numpy()  # (F, Cc, h, w)
-    return xr.Dataset({"cond_latents": (("frame", "c", "ly", "lx"), latents)}, attrs={"model": model_name})
+    multiple = max(1, pad_multiple(model_name) // scale)
+    frames, height, width = (int(n) for n in cond.shape[:3])
+    batch = min(MODEL_BATCH, batch_frames(height * width * 3 * 4))
+    for s in frame_slices(frames, batch):
+        images, _ = pad_to_multiple(np.asarray(cond[s]), multiple)  # (B, Hp, Wp, 3)
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).to(device)  # (B, 3, Hp, Wp)
+        m = None
+        if mask is not None:
+            holes, _ = pad_to_multiple(np.asarray(mask[s])[..., None], multiple)  # (B, Hp, Wp, 1)
+            m = torch.from_numpy(holes).permute(0, 3, 1, 2).float().to(device)  # (B, 1, Hp, Wp)
+        with torch.no_grad():
+            latents = model.condition(x, m).float().cpu().numpy()  # (B, Cc, Hp/f, Wp/f)
+        if s.start == 0:
+            writer.create("cond_latents", ("frame", "c", "ly", "lx"), (frames,) + latents.shape[1:], np.float32)
+        writer.write("cond_latents", s.start, latents)
+    writer.attrs.update({"model": model_name, "multiple": multiple, "height": height, "width": width})
 
 
 @task(name="encode", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
 def encode(work_root: str, storage_options: dict, key: str, prepare: str, model_name: str, device: str = "cpu",
            dtype: str = "float32") -> StageRecord:
     store = store_for(work_root, storage_options)
-    return run_stage(store, "encode", key, lambda: compute(store.open("prepare", prepare).load(), model_name, device, dtype))
+
+    def produce_from_store(writer):
+        prepared = store.open("prepare", prepare)
+        mask = prepared["mask"].data if "mask" in prepared else None
+        source = "input" if model_info(model_name)["task"] == "sr4" else "cond"  # the x4 upscaler takes the low-res frame
+        scale = int(prepared["cond"].shape[2]) // int(prepared[source].shape[2])
+        produce(writer, prepared[source].data, mask, model_name, device, dtype, scale)
+
+    return run_stage_chunked(store, "encode", key, produce_from_store)

@@ -86,19 +86,44 @@ def resolve_guidance_space(space: str, info: dict) -> str:
     return space
 
 
-def pad_multiple(name: str) -> int:
-    """Frame sizes the model accepts are multiples of this: latent factor x the denoiser UNet's total downsampling
-    (2 ** (down blocks - 1); the last down block keeps its size). Read from card.json (our models) or the
-    diffusers configs (unet/, vae/) without loading weights."""
-    path = resolve(name)
-    card_path = path / CARD
+def model_geometry(name: str) -> dict:
+    """{"factor", "downsampling", "multiple"} of a model, read from its card or config json without loading weights.
+
+    factor: the autoencoder's latent factor (pixels per latent cell); downsampling: the denoiser's total
+    downsampling of the latent (2^(levels - 1) for a UNet whose every block but the last halves the size);
+    multiple = factor x downsampling: frame sizes must be multiples of it (a 3-level UNet at f=8 needs 32 px).
+    """
+    p = resolve(name)
+    card_path = p / CARD
     if card_path.exists():
         card = json.loads(card_path.read_text())
-        factor = int(card["autoencoder"].get("factor", 8))
-        den = card.get("denoiser")
-        blocks = len(den["unet"]["block_out_channels"]) if den else 1
-        return factor * 2 ** (blocks - 1)
-    unet = json.loads((path / "unet" / "config.json").read_text())
-    vae = json.loads((path / "vae" / "config.json").read_text())
-    vae_blocks = vae.get("encoder_block_out_channels", vae.get("block_out_channels"))
-    return 2 ** (len(vae_blocks) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+        from ops.autoencoders import FACTOR as PCA_FACTOR  # the PCA autoencoder's own default, when a card omits it
+
+        factor = int(card["autoencoder"].get("factor", PCA_FACTOR))
+        unet = (card.get("denoiser") or {}).get("unet")
+        levels = len(unet["block_out_channels"]) if unet else 1
+        downsampling = 2 ** (levels - 1)
+    else:
+        vae = _config(p / "vae")
+        blocks = vae.get("encoder_block_out_channels") if vae.get("_class_name") == "AutoencoderTiny" else None
+        factor = 2 ** (len(blocks or vae["block_out_channels"]) - 1)
+        unet = _config(p / "unet")
+        downsampling = 2 ** (len(unet.get("down_block_types") or unet["block_out_channels"]) - 1)
+    return {"factor": factor, "downsampling": downsampling, "multiple": factor * downsampling}
+
+
+def _config(directory) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        raise ValueError(f"{directory}: no config.json; a diffusers model directory needs unet/ and vae/ configs")
+    return json.loads(path.read_text())
+
+
+def latent_factor(model_name: str) -> int:
+    """Pixels per latent cell of a model's autoencoder (8 for SD/SDXL and the embedded PCA autoencoder)."""
+    return model_geometry(model_name)["factor"]
+
+
+def pad_multiple(model_name: str) -> int:
+    """Frame sizes a model accepts are multiples of this: latent factor x the denoiser's total downsampling."""
+    return model_geometry(model_name)["multiple"]
