@@ -54,7 +54,7 @@ def _stages(tmp_path, clip, task, mode, model, seed=0, backend="dis", method="gp
     k = {"extract": "e", "prepare": "p", "flow": "f", "encode": "c", "noise": "n"}
     _stage.run_stage_chunked(store, "extract_frames", k["extract"], lambda w: extract_stage.produce(w, clip, (0, None), None))
     _stage.run_stage(store, "prepare", k["prepare"], lambda: prepare_stage.compute(
-        store.open("extract_frames", k["extract"]).load(), task, mode, seed, None, None))
+        store.open("extract_frames", k["extract"]).load(), task, mode, seed, None, None, pad_multiple(model)))
     prepared = store.open("prepare", k["prepare"])
     _stage.run_stage_chunked(store, "estimate_flow", k["flow"], lambda w: flow_stage.produce(
         w, prepared["cond"].data, backend, flow_stage.geometry_for(task, model_geometry(model)["factor"], pad_multiple(model))))
@@ -195,7 +195,8 @@ def test_a_hard_cut_starts_a_fresh_gp_chain(tmp_path):
     assert list(flows.attrs["cuts"]) == [5]
     assert flows["shot"].values.tolist() == [0] * 5 + [1] * 5
     assert not flows["valid"][4].values.any() and not flows["latent_valid"][4].values.any()  # no guidance across it
-    assert (flows["valid_fraction"].values[[0, 1, 2, 3, 5, 6, 7, 8]] > 0.8).all() and flows["valid_fraction"][4] < 0.15
+    # > 0.7, not 0.8: prepare reflect-pads 96x80 to 96x96, and the mirrored band does not follow the camera
+    assert (flows["valid_fraction"].values[[0, 1, 2, 3, 5, 6, 7, 8]] > 0.7).all() and flows["valid_fraction"][4] < 0.15
     lpos = flows["latent_positions"].values
     grid = flowops.identity_grid(*lpos.shape[1:3], torch.float64).numpy()
     np.testing.assert_array_equal(lpos[5], grid)  # reset at the cut
