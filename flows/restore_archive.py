@@ -105,7 +105,10 @@ def archive(
                             uri=tracking.tracking_uri(work_root or DEFAULT_WORK_ROOT)) as parent:
         tracking.log_config({"input_prefix": input_prefix, "output_prefix": output_prefix, **flatten(settings)})
         if todo and executor == "ray":
-            pool = _LazySamplerPool(RestoreConfig(input="x", **settings).model_name, actors)
+            from tasks.sample import sampler_pool
+
+            first = RestoreConfig(input="x", **settings)
+            pool = sampler_pool(first.model_name, actors, first.device, first.dtype)  # lazy: bad videos never start Ray
 
         def restore_one(item: dict) -> dict:
             from flows.restore_video import restore
@@ -144,29 +147,6 @@ def archive(
                "mlflow_run_id": parent.info.run_id, "rows": rows}
     _table_artifact(rows)
     return summary
-
-
-class _LazySamplerPool:
-    """Ray sampler actors started on the first video that reaches sampling (bad videos never pay for Ray)."""
-
-    def __init__(self, model: str, actors: int | None):
-        self.model, self.actors, self.pool = model, actors, None
-        self.lock = threading.Lock()
-
-    def sample(self, request: dict, progress=None) -> dict:
-        with self.lock:
-            if self.pool is None:
-                import torch
-
-                from tasks.sample import SamplerPool
-
-                n = self.actors or (torch.cuda.device_count() if torch.cuda.is_available() else 1)
-                self.pool = SamplerPool(self.model, size=max(1, n))
-        return self.pool.sample(request, progress=progress)
-
-    def shutdown(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 def _write_manifest(url: str, manifest: list[dict], opts: dict) -> None:

@@ -94,13 +94,13 @@ def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
     progress = _Progress(total=cfg.steps)
     try:
         if pool is not None:
-            return StageRecord(**pool.sample(request, progress=progress))
+            return StageRecord(**pool.submit("sample", progress=progress, **request))
         if cfg.executor == "inline":
             worker = sample_stage.SamplerWorker(cfg.model_name, device=cfg.device, dtype=cfg.dtype)
             worker._external_callback = progress
             return StageRecord(**worker.sample(**request))
-        with sample_stage.SamplerPool(cfg.model_name, size=1, device=cfg.device, dtype=cfg.dtype) as ray_pool:
-            return StageRecord(**ray_pool.sample(request, progress=progress))
+        with sample_stage.sampler_pool(cfg.model_name, num_actors=1, device=cfg.device, dtype=cfg.dtype) as ray_pool:
+            return StageRecord(**ray_pool.submit("sample", progress=progress, **request))
     finally:
         progress.close()
 

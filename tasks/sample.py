@@ -165,66 +165,21 @@ class SamplerWorker:
         return record.__dict__
 
 
-class SamplerPool:
-    """Ray actors that each hold the model once; videos are spread over them, one video's wavefront per actor.
+def sampler_pool(model_name: str, num_actors: int | None = None, device: str = "auto", dtype: str = "float32"):
+    """Ray actors that each hold the model once (infra.ray_pool.ModelActorPool: lazy, resources from the cluster, a
+    clear error when no node can host one); one video's windows run on one actor, videos spread over them.
 
-    One GPU per actor when CUDA is present; otherwise explicit `num_cpus` and torch threads (Ray would
-    otherwise pin actors to OMP_NUM_THREADS=1).
+    device 'auto': a GPU per actor when the cluster has GPUs (one actor per GPU), else CPU actors; 'cpu' / 'cuda[:N]'
+    force it. Inside an actor Ray sets CUDA_VISIBLE_DEVICES, so its GPU is always its `cuda`.
     """
+    import ray
 
-    def __init__(self, model_name: str, size: int = 1, threads: int | None = None, work_root: str | None = None,
-                 device: str = "auto", dtype: str = "float32"):
-        import os
+    from infra.ray_pool import ModelActorPool, ensure_ray
 
-        import ray
-
-        from infra.ray_pool import ensure_ray
-
+    num_gpus = None if device == "auto" else int(device.startswith("cuda"))
+    if num_actors is None:
         ensure_ray()
-        # CUDA from the cluster's resources (a GPU worker node), not from what the driver process sees
-        cuda = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-        threads = threads or max(1, (os.cpu_count() or 1) // size)
-        options = {"num_gpus": 1, "num_cpus": 1} if cuda else {"num_cpus": threads}
-        actor_cls = ray.remote(SamplerWorker).options(max_concurrency=2, **options)
-        actor_device = "cuda" if cuda else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES: the actor's GPU is its cuda:0
-        self.actors = [actor_cls.remote(model_name, None if cuda else threads, actor_device, dtype) for _ in range(size)]
-        self._free = list(range(size))
-        self._lock = threading.Lock()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-
-    def _acquire(self) -> int:
-        while True:
-            with self._lock:
-                if self._free:
-                    return self._free.pop()
-            time.sleep(0.05)
-
-    def sample(self, request: dict, progress=None) -> dict:
-        """Run one video's sampling on a free actor; `progress(dict)` is called about once a second."""
-        import ray
-
-        index = self._acquire()
-        actor = self.actors[index]
-        try:
-            ref = actor.sample.remote(**request)
-            while True:
-                ready, _ = ray.wait([ref], timeout=1.0)
-                if progress is not None:
-                    progress(ray.get(actor.progress.remote()))
-                if ready:
-                    return ray.get(ref)
-        finally:
-            with self._lock:
-                self._free.append(index)
+        num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus != 0 else 1
+    actor_device = "cuda" if device.startswith("cuda") else device
+    return ModelActorPool(SamplerWorker, args=(model_name, None, actor_device, dtype), num_actors=num_actors,
+                          num_gpus=num_gpus, progress_method="progress")
