@@ -95,6 +95,22 @@ def mean_gradient(images: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(gx**2 + gy**2 + 1e-12).mean((1, 2, 3))
 
 
+def cell_border_ratio(images: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Mean |horizontal + vertical pixel difference| across `cell`-px borders / the mean elsewhere -> scalar."""
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs()  # (B, C, H, W-1): x[i+1] - x[i]
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs()  # (B, C, H-1, W)
+    bx = (torch.arange(1, images.shape[-1], device=images.device) % cell == 0)  # a border lies between i and i+1
+    by = (torch.arange(1, images.shape[-2], device=images.device) % cell == 0)
+    border = (dx[..., bx].sum() + dy[..., by, :].sum()) / (dx[..., bx].numel() + dy[..., by, :].numel())
+    inner = (dx[..., ~bx].sum() + dy[..., ~by, :].sum()) / (dx[..., ~bx].numel() + dy[..., ~by, :].numel())
+    return border / inner.clamp_min(1e-12)
+
+
+def blockiness(restored: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Block artefacts: cell-border ratio of the restoration over that of the ground truth (1 = none) -> scalar."""
+    return cell_border_ratio(restored, cell) / cell_border_ratio(truth, cell)
+
+
 def telea_inpaint(images: torch.Tensor, mask: torch.Tensor, radius: int = 5) -> torch.Tensor:
     """OpenCV Telea inpainting baseline per image -> (B, 3, H, W) in [0, 1]."""
     import cv2
