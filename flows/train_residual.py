@@ -28,7 +28,8 @@ from ops import degrade
 from ops.lapped import LappedAutoencoder, fit_lapped, init_from_pca
 from ops.autoencoders import fit_pca_autoencoder, image_patches
 from ops.residual import build_residual_model
-from ops.training import blockiness, degrade_batch, edm_loss, make_noise, mean_gradient, psnr, random_crops, telea_inpaint
+from ops.training import (blockiness, degrade_batch, edm_loss, make_noise, mean_gradient, psnr, random_crops, sample,
+                          telea_inpaint)
 from storage import train_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,8 +166,12 @@ def _lr(base: float, step: int, steps: int, warmup: int = 100) -> float:
 
 
 def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, lr: float, seed: int, resume: bool,
-          time_limit: float | None, ckpt_every: int, extra_state: dict, ema_decay: float = 0.999):
-    """Shared resumable Adam loop with EMA; loss_fn(step, generator) -> loss. Returns (ema state, state)."""
+          time_limit: float | None, ckpt_every: int, extra_state: dict, ema_decay: float = 0.999,
+          stop_at: int | None = None):
+    """Shared resumable Adam loop with EMA; loss_fn(step, generator) -> loss. Returns (ema state, state).
+
+    Stops at `steps` (the schedule's length), after `time_limit` s of this call, or at step `stop_at`; a later call
+    with resume=True continues from the checkpoint exactly (weights, EMA, Adam moments, data RNG)."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -192,7 +197,7 @@ def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, l
 
     module.train()
     acc = []
-    while step < steps and not (time_limit and time.time() - t0 > time_limit):
+    while step < min(steps, stop_at or steps) and not (time_limit and time.time() - t0 > time_limit):
         for group in opt.param_groups:
             group["lr"] = _lr(lr, step, steps)
         loss = loss_fn(step, g)
@@ -208,7 +213,7 @@ def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, l
                 else:
                     ema[k].copy_(v)
         step += 1
-        acc.append(float(loss))
+        acc.append(float(loss.detach()))
         if step % 25 == 0:
             losses.append([step, sum(acc) / len(acc)])
             acc = []
@@ -219,7 +224,7 @@ def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, l
 
 
 def stage_reg(task: str, ckpt: Path, steps: int, seed: int, resume: bool, time_limit, batch: int = 8, crop: int = 128,
-              lr: float = 1e-3, ckpt_every: int = 100) -> dict:
+              lr: float = 1e-3, ckpt_every: int = 100, stop_at: int | None = None) -> dict:
     ae = load_ae(ckpt)
     model, _ = _model(task, None, ae, None)
     images = training_images()
@@ -227,7 +232,7 @@ def stage_reg(task: str, ckpt: Path, steps: int, seed: int, resume: bool, time_l
 
     def loss_fn(step, g):
         x = random_crops(g, images, batch, crop)  # (B, 3, crop, crop)
-        degraded, mask = degrade_batch(task, x, g)
+        degraded, mask = degrade_batch(task, x, g, masks="mixed")
         out = model.autoencoder.decode(model.predict(degraded, mask), clamp=False)  # (B, 3, crop, crop)
         err = (out - x).abs()
         if mask is None:
@@ -235,7 +240,8 @@ def stage_reg(task: str, ckpt: Path, steps: int, seed: int, resume: bool, time_l
         return (err * mask).sum() / mask.sum().clamp_min(1) / 3 + 0.1 * err.mean()
 
     ema, state = _loop(f"{task}-reg", ckpt / f"{task}-reg", model.regressor, loss_fn, steps, lr, seed, resume,
-                       time_limit, ckpt_every, {"batch": batch, "crop": crop, "loss": "L1 pixel (inpaint: holes)"})
+                       time_limit, ckpt_every, {"batch": batch, "crop": crop, "loss": "L1 pixel (inpaint: holes)"},
+                       stop_at=stop_at)
     return state
 
 
@@ -251,12 +257,12 @@ def residual_std(model, images, task: str, g: torch.Generator, n: int = 32, crop
     """std of x0 - mu over training crops (the residual's sigma_data)."""
     with torch.no_grad():
         x = random_crops(g, images, n, crop)
-        degraded, mask = degrade_batch(task, x, g)
+        degraded, mask = degrade_batch(task, x, g, masks="mixed")
         return float((model.encode(x) - model.predict(degraded, mask)).std())
 
 
 def stage_diff(task: str, noise: str, ckpt: Path, steps: int, seed: int, resume: bool, time_limit, batch: int = 8,
-               crop: int = 128, lr: float = 5e-4, ckpt_every: int = 100) -> dict:
+               crop: int = 128, lr: float = 5e-4, ckpt_every: int = 100, stop_at: int | None = None) -> dict:
     ae = load_ae(ckpt)
     images = training_images()
     probe, _ = _model(task, noise, ae, 1.0)
@@ -270,7 +276,7 @@ def stage_diff(task: str, noise: str, ckpt: Path, steps: int, seed: int, resume:
 
     def loss_fn(step, g):
         x = random_crops(g, images, batch, crop)
-        degraded, mask = degrade_batch(task, x, g)
+        degraded, mask = degrade_batch(task, x, g, masks="mixed")
         with torch.no_grad():
             x0 = model.encode(x)
             cond = model.condition(degraded, mask)
@@ -278,7 +284,7 @@ def stage_diff(task: str, noise: str, ckpt: Path, steps: int, seed: int, resume:
         return edm_loss(model, x0, cond, n, g, sd)
 
     ema, state = _loop(f"{task}-{noise}", path, model.denoiser, loss_fn, steps, lr, seed, resume, time_limit,
-                       ckpt_every, {"batch": batch, "crop": crop, "sigma_data": sd, "noise": noise})
+                       ckpt_every, {"batch": batch, "crop": crop, "sigma_data": sd, "noise": noise}, stop_at=stop_at)
     return state
 
 
@@ -308,12 +314,10 @@ def assemble(task: str, noise: str, ckpt: Path):
 
 
 @torch.no_grad()
-def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0) -> dict:
-    """Held-out numbers: diffusion sample (GP and white noise), regression mean, bicubic (+ back-projection)."""
-    from ops.training import sample
-
+def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0, masks: str = "free") -> dict:
+    """Held-out numbers: diffusion sample (GP and white noise), regression mean, bicubic (+ back-projection) / Telea."""
     g = torch.Generator().manual_seed(seed)
-    degraded, mask = degrade_batch(model.task, views, g)
+    degraded, mask = degrade_batch(model.task, views, g, masks=masks)
     cond = model.condition(degraded, mask)
     mu = model.decode(cond[:, : model.latent_channels])
     shape = (views.shape[0], model.latent_channels, views.shape[-2] // model.factor, views.shape[-1] // model.factor)
@@ -335,9 +339,7 @@ def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0
     res = {"views": int(views.shape[0]), "steps": steps, "ae_psnr": float(psnr(model.decode(model.encode(views)), views).mean())}
     for kind in ("gp", "white"):
         gn = torch.Generator().manual_seed(seed + 1)
-        from ops.training import sample as _sample
-
-        out = finish(model.decode(_sample(model, cond, make_noise(kind, gn, shape), steps)))
+        out = finish(model.decode(sample(model, cond, make_noise(kind, gn, shape), steps)))
         res.update(stats(out, "" if kind == model.noise else "mismatch_"))
         if kind == model.noise:
             samples = out
@@ -355,13 +357,13 @@ def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0
 
 
 @torch.no_grad()
-def stage_evalreg(task: str, ckpt: Path) -> dict:
+def stage_evalreg(task: str, ckpt: Path, masks: str = "free") -> dict:
     """Held-out numbers of the regressor alone (what the residual diffusion starts from)."""
     model, _ = _model(task, None, load_ae(ckpt), None)
     load_regressor(model, ckpt, task)
     views, _ = heldout_views()
     g = torch.Generator().manual_seed(0)
-    degraded, mask = degrade_batch(task, views, g)
+    degraded, mask = degrade_batch(task, views, g, masks=masks)
     out = model.decode(model.predict(degraded, mask))
     res = {}
     if task == "sr8":
@@ -386,6 +388,10 @@ def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int) ->
     views, names = heldout_views()
     res, _ = evaluate_residual(model, views, eval_steps)
     card["eval"] = {**res, "heldout_views": names, "size": 256}
+    if task == "inpaint":  # the numbers above use large free-form holes; these thin scratches and dust
+        card["eval"]["masks"] = "free-form strokes + boxes (ops.degrade.random_masks)"
+        card["eval"]["scratch"], _ = evaluate_residual(model, views, eval_steps, masks="scratch")
+        card["eval"]["scratch"]["masks"] = "scratches 1-4 px + dust (ops.training.scratch_masks)"
     d = save_model(model, out / card["name"], card)
     print(json.dumps(card["eval"], indent=1), flush=True)
     return card["eval"]
@@ -402,6 +408,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="stop this stage after S seconds (checkpointed)")
+    p.add_argument("--stop-at", type=int, default=None, help="stop (checkpointed) at this step of --steps; --resume continues")
     p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT))
     p.add_argument("--out", default=str(ROOT / "assets" / "models"))
     p.add_argument("--eval-steps", type=int, default=32)
@@ -413,11 +420,12 @@ def main(argv=None) -> int:
     if a.stage == "ae":
         stage_ae(ckpt, a.steps, a.seed)
     elif a.stage == "reg":
-        stage_reg(a.task, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 1e-3)
+        stage_reg(a.task, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 1e-3, stop_at=a.stop_at)
     elif a.stage == "evalreg":
-        stage_evalreg(a.task, ckpt)
+        for masks in (("free", "scratch") if a.task == "inpaint" else ("free",)):
+            stage_evalreg(a.task, ckpt, masks)
     elif a.stage == "diff":
-        stage_diff(a.task, a.noise, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 5e-4)
+        stage_diff(a.task, a.noise, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 5e-4, stop_at=a.stop_at)
     else:
         stage_save(a.task, a.noise, ckpt, Path(a.out), a.eval_steps)
     return 0

@@ -46,7 +46,7 @@ class LatentRegressor(nn.Module):
         nn.init.zeros_(self.tail.bias)
 
     def forward(self, x):
-        return self.tail(F.silu(self.body(self.head(x))))
+        return self.tail(self.body(self.head(x)))
 
 
 class ResidualDenoiser(nn.Module):

@@ -12,13 +12,19 @@ import numpy as np
 from storage.video import write_video
 
 
+SOURCE_IMAGE = "coffee"  # held out of every embedded model's training (storage.models / storage.train_data)
+
+
 def _photo(size: int) -> np.ndarray:
-    """skimage's astronaut, resized so the camera has room to move: (S, S, 3) uint8, S >= 2*size."""
+    """skimage's coffee (400x600), centre square, resized so the camera has room to move: (S, S, 3) uint8, S >= 2*size."""
     from skimage import data
 
-    img = data.astronaut()  # (512, 512, 3) uint8
+    img = getattr(data, SOURCE_IMAGE)()  # (400, 600, 3) uint8
+    h, w = img.shape[:2]
+    side = min(h, w)
+    img = np.ascontiguousarray(img[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side])
     s = max(512, 2 * size)
-    if s != img.shape[0]:
+    if s != side:
         img = cv2.resize(img, (s, s), interpolation=cv2.INTER_CUBIC)
     return img
 

@@ -50,7 +50,7 @@ def test_fit_lapped_reduces_error_and_block_pattern():
     ae = init_from_pca(LappedAutoencoder(6, factor=4), pca.components, pca.mean)
     err = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(2))
     before = training.cell_border_ratio(ae.decode(err, clamp=False), 4)
-    fit_lapped(ae, crops, 30, lr=3e-3, smooth=1e-2, generator=g)
+    fit_lapped(ae, crops, 20, lr=3e-3, smooth=1e-2, generator=g)
     after = training.cell_border_ratio(ae.decode(err * ae.scale.view(1, -1, 1, 1), clamp=False), 4)
     assert after < before
     z = ae.encode(crops(99))
@@ -112,3 +112,59 @@ def test_pca_autoencoder_unchanged_by_registration():
     assert isinstance(ae, PCAAutoencoder)
     with pytest.raises(ValueError, match="pca or lapped"):
         store.autoencoder_from_config({"type": "kl"})
+
+
+def test_training_loop_resumes_bit_for_bit(tmp_path):
+    from flows.train_residual import _loop, load_ckpt
+
+    def run(steps, path, resume, stop_at=None):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+
+        def loss_fn(step, g):
+            x = torch.randn(4, 3, generator=g)
+            return (net(x) - x[:, :2]).pow(2).mean()
+
+        ema, state = _loop("t", path, net, loss_fn, steps, 1e-2, 0, resume, None, 1000, {"k": 1}, stop_at=stop_at)
+        return net, ema, state
+
+    full, ema_full, _ = run(6, tmp_path / "a", False)
+    run(6, tmp_path / "b", False, stop_at=3)  # a run stopped after 3 of 6 steps ...
+    _, state = load_ckpt(tmp_path / "b")
+    assert state["step"] == 3 and state["k"] == 1 and not state["done"]
+    resumed, ema_res, state = run(6, tmp_path / "b", True)  # ... continued to 6
+    assert state["step"] == 6 and state["done"]
+    assert torch.equal(resumed.weight, full.weight)
+    assert torch.equal(ema_res["weight"], ema_full["weight"])
+
+
+def test_scratch_masks_are_thin_and_mixed_batches_use_both_families():
+    g = torch.Generator().manual_seed(0)
+    m = training.scratch_masks(g, 3, 64, 48)
+    assert m.shape == (3, 1, 64, 48) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert (m.mean((1, 2, 3)) < 0.35).all() and (m.mean((1, 2, 3)) > 0).all()
+    assert (m[:, 0].sum(0) > 0).any(dim=1).float().mean() > 0.9  # a scratch crosses (almost) every row
+    x = _images(8, 32)
+    _, mixed = training.degrade_batch("inpaint", x, torch.Generator().manual_seed(3), masks="mixed")
+    _, free = training.degrade_batch("inpaint", x, torch.Generator().manual_seed(3), masks="free")
+    assert not torch.equal(mixed, free)
+    with pytest.raises(ValueError, match="masks must be"):
+        training.degrade_batch("inpaint", x, g, masks="dots")
+
+
+def test_regressor_learns_a_linear_map():
+    from ops.residual import LatentRegressor
+
+    torch.manual_seed(0)
+    reg = LatentRegressor(4, 3, width=16, blocks=2)
+    x = torch.randn(8, 4, 8, 8)
+    target = 0.5 * x[:, :3] - 0.2 * x[:, 1:]
+    opt = torch.optim.Adam(reg.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = (reg(x) - target).pow(2).mean()
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.3 * first
