@@ -129,8 +129,16 @@ def latent_report(ae, views: torch.Tensor, prefix: str, seed: int, error: float 
     g = torch.Generator().manual_seed(seed)
     noisy = z + error * torch.randn(z.shape, generator=g) * z.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
     rec, err = ae.decode(z), ae.decode(noisy)
+    # Fine-detail error: one unit of pixel energy in each of the last half of the channels.
+    fine = torch.zeros_like(z)
+    c = z.shape[1]
+    probe = ae.decode(torch.eye(c).view(c, c, 1, 1), clamp=False) - ae.decode(torch.zeros(1, c, 1, 1), clamp=False)
+    energy = probe.flatten(1).norm(dim=1)  # (C,) pixel energy of each channel's synthesis function
+    fine[:, c // 2 :] = 0.05 * torch.randn(fine[:, c // 2 :].shape, generator=g) / energy[c // 2 :].view(1, -1, 1, 1)
+    fine_err = ae.decode(z + fine)
     return {f"{prefix}psnr": float(psnr(rec, views).mean()), f"{prefix}blockiness": float(blockiness(rec, views)),
-            f"{prefix}error_blockiness": float(blockiness(err, views)), f"{prefix}error_psnr": float(psnr(err, views).mean())}
+            f"{prefix}error_blockiness": float(blockiness(err, views)), f"{prefix}error_psnr": float(psnr(err, views).mean()),
+            f"{prefix}fine_error_blockiness": float(blockiness(fine_err, views)), f"{prefix}fine_error_psnr": float(psnr(fine_err, views).mean())}
 
 
 def stage_ae(ckpt: Path, steps: int, seed: int, batch: int = 16, crop: int = 64, log_every: int = 100) -> dict:
@@ -392,7 +400,12 @@ def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int) ->
         card["eval"]["masks"] = "free-form strokes + boxes (ops.degrade.random_masks)"
         card["eval"]["scratch"], _ = evaluate_residual(model, views, eval_steps, masks="scratch")
         card["eval"]["scratch"]["masks"] = "scratches 1-4 px + dust (ops.training.scratch_masks)"
-    d = save_model(model, out / card["name"], card)
+    from storage.sample import SOURCE_IMAGE, render_sample_frames
+
+    frames = torch.from_numpy(render_sample_frames()[::4].copy()).permute(0, 3, 1, 2).float() / 255  # (4, 3, 256, 256)
+    demo, _ = evaluate_residual(model, frames, eval_steps)
+    card["eval_demo_frames"] = {**demo, "source": f"storage/sample.py frames 0, 4, 8, 12 (skimage {SOURCE_IMAGE}), one image at a time"}
+    save_model(model, out / card["name"], card)
     print(json.dumps(card["eval"], indent=1), flush=True)
     return card["eval"]
 

@@ -9,7 +9,9 @@ in one cell fades out smoothly across its neighbours instead of stopping at a ce
 encode(x) = scale * conv2d(x - mean, A, stride f, padding f/2)   (B, 3, H, W) -> (B, C, H/f, W/f)
 decode(z) = conv_transpose2d(z / scale, w * S, stride f, padding f/2) + mean
 Both maps are linear (cheap differentiable decode for pixel-space guidance); A and S start from the PCA of 8x8
-patches placed in the kernel's centre and are fitted by least squares on image crops (`fit_lapped`). `scale`
+patches placed in the kernel's centre and are fitted by least squares on image crops plus a penalty on the
+cell-border ratio of decoded latent errors (`fit_lapped`): the window alone does not stop the fitted synthesis
+functions from keeping PCA's sharp 8x8 edges inside their support. `scale`
 whitens each latent channel on the training crops (unit std, as the PCA latent does).
 """
 
@@ -86,8 +88,10 @@ def fit_lapped(ae: LappedAutoencoder, batches, steps: int, lr: float = 3e-3, smo
                generator: torch.Generator | None = None) -> list[float]:
     """Least-squares fit of analysis + synthesis on crops: minimise |decode(encode(x)) - x|^2 with Adam.
 
-    Plus `smooth` * max(0, r - 1), r = the cell-border ratio (`ops.training.cell_border_ratio`) of a decoded
-    latent error (white noise with the latent's per-channel std): what a denoiser's mistakes look like.
+    Plus `smooth` * max(0, r - 1) for two decoded latent errors, r = the cell-border ratio
+    (`ops.training.cell_border_ratio`): white noise with the latent's per-channel std (what a denoiser's mistakes
+    look like) and white noise scaled so every channel's synthesis functions carry the same pixel energy (a
+    regressor corrects mostly the fine-detail channels, which PCA decodes into sharp 8x8 blocks).
     `batches`: a callable step -> (B, 3, H, W) crops in [0, 1]. Returns the loss every 50 steps. Afterwards
     `scale` is set so each latent channel has unit std on a fresh batch (the whitening of the PCA latent).
     """
@@ -101,8 +105,10 @@ def fit_lapped(ae: LappedAutoencoder, batches, steps: int, lr: float = 3e-3, smo
         z = ae.encode(x)  # (B, C, h, w)
         loss = F.mse_loss(ae.decode(z, clamp=False), x)
         if smooth:
-            err = torch.randn(z.shape, generator=generator) * z.detach().std(dim=(0, 2, 3)).view(1, -1, 1, 1)
-            loss = loss + smooth * (cell_border_ratio(ae.decode(err, clamp=False) - ae.mean, ae.factor) - 1).clamp_min(0)
+            energy = (ae.synthesis * ae.window).detach().flatten(1).norm(dim=1).clamp_min(1e-8)  # (C,)
+            for weight in (z.detach().std(dim=(0, 2, 3)), 1 / energy):  # latent-like errors; equal pixel energy
+                err = torch.randn(z.shape, generator=generator) * weight.view(1, -1, 1, 1)
+                loss = loss + smooth * (cell_border_ratio(ae.decode(err, clamp=False) - ae.mean, ae.factor) - 1).clamp_min(0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
