@@ -162,6 +162,7 @@ def stage_ae(ckpt: Path, steps: int, seed: int, batch: int = 16, crop: int = 64,
 
 def _model(task: str, noise: str | None, ae: LappedAutoencoder, sigma_data: float | None):
     card = {"task": task, "noise": noise, "autoencoder": ae.config(), "sigma_max": 10.0,
+            **({"prefill": "telea"} if task == "inpaint" else {}),
             "residual": {"regressor": REGRESSOR, "unet": UNET if sigma_data else None, "sigma_data": sigma_data,
                          "time_scale": TIME_SCALE}}
     model = build_residual_model(card, ae)

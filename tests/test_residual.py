@@ -66,6 +66,7 @@ def test_blockiness_sees_a_block_pattern():
 
 def _card(task, c=6, f=8):
     return {"kind": "residual", "name": f"{task}-res-gp", "task": task, "noise": "gp", "sigma_max": 10.0,
+            **({"prefill": "telea"} if task == "inpaint" else {}),
             "autoencoder": {"type": "lapped", "latent_channels": c, "factor": f},
             "residual": {"regressor": {"width": 8, "blocks": 1}, "sigma_data": 0.5, "time_scale": 250.0,
                          "unet": {"block_out_channels": [8, 16], "layers_per_block": 1, "attention": False, "norm_num_groups": 4}}}
@@ -87,6 +88,9 @@ def test_residual_model_condition_denoise_and_roundtrip(task, tmp_path):
     assert cond.shape == (2, 6 + cr, 4, 4)
     mu = model.predict(x, mask)
     assert torch.allclose(cond[:, :6], mu)
+    if task == "inpaint":  # the regressor starts from the Telea fill: a grey hole would encode differently
+        grey = model.encode(x * (1 - mask) + 0.5 * mask)
+        assert not torch.allclose(cond[:, 6:12], grey, atol=1e-3)
     # At a tiny sigma the EDM denoiser returns its input: D = mu + (x - mu).
     xt = torch.randn(2, 6, 4, 4)
     assert torch.allclose(model.denoise(xt, torch.full((2,), 1e-4), cond), xt, atol=1e-3)
