@@ -305,20 +305,24 @@ def stage_diff(task: str, noise: str, ckpt: Path, steps: int, seed: int, resume:
 
 
 # ---------------------------------------------------------------- save + evaluate
-def assemble(task: str, noise: str, ckpt: Path):
-    """The trained model (EMA weights) and its card from the checkpoints."""
+def assemble(task: str, noise: str, ckpt: Path, weights: str = "ema"):
+    """The trained model and its card from the checkpoints (`weights`: the diffusion model's 'ema' or raw 'model')."""
     ae = load_ae(ckpt)
-    tensors, dstate = load_ckpt(ckpt / f"{task}-{noise}")
-    if dstate is None:
-        raise SystemExit(f"no diffusion checkpoint in {ckpt / f'{task}-{noise}'}")
-    model, card = _model(task, noise, ae, dstate["sigma_data"])
+    if noise == "none":  # regression only: D = mu at every sigma (ops.residual), no diffusion weights
+        tensors, dstate = {}, {"step": 0, "batch": 0, "crop": 0, "wall_time_s": 0.0, "lr": 0.0, "sigma_data": None}
+    else:
+        tensors, dstate = load_ckpt(ckpt / f"{task}-{noise}")
+        if dstate is None:
+            raise SystemExit(f"no diffusion checkpoint in {ckpt / f'{task}-{noise}'}")
+    model, card = _model(task, None if noise == "none" else noise, ae, dstate["sigma_data"])
     rstate = load_regressor(model, ckpt, task)
-    model.denoiser.load_state_dict(_sub(tensors, "ema"))
+    if model.denoiser is not None:
+        model.denoiser.load_state_dict(_sub(tensors, weights))
     _, astate = load_ckpt(ckpt / "ae")
-    card.update(kind="residual", name=f"{task}-res-{noise}", sigma_min=0.002,
+    card.update(kind="residual", name=f"{task}-reg" if noise == "none" else f"{task}-res-{noise}", sigma_min=0.002,
                 training={"autoencoder": {k: astate[k] for k in ("steps", "batch", "crop", "wall_time_s", "eval")},
                           "regressor": {k: rstate[k] for k in ("step", "batch", "crop", "wall_time_s", "loss", "lr")},
-                          "diffusion": {k: dstate[k] for k in ("step", "batch", "crop", "wall_time_s", "lr", "sigma_data")},
+                          "diffusion": {**{k: dstate[k] for k in ("step", "batch", "crop", "wall_time_s", "lr", "sigma_data")}, "weights": weights},
                           "device": "cpu (2 shared cores, torch.set_num_threads(1))"},
                 data={"train_photographs": list(train_data.TRAIN), "train_skimage": list(train_data.SKIMAGE_TRAIN),
                       "val_photographs": list(train_data.VAL), "test_photographs": list(train_data.TEST),
@@ -353,13 +357,14 @@ def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0
         return out
 
     res = {"views": int(views.shape[0]), "steps": steps, "ae_psnr": float(psnr(model.decode(model.encode(views)), views).mean())}
-    for kind in ("gp", "white"):
+    for kind in ("gp", "white") if model.noise else ("white",):
         gn = torch.Generator().manual_seed(seed + 1)
         out = finish(model.decode(sample(model, cond, make_noise(kind, gn, shape), steps)))
-        res.update(stats(out, "" if kind == model.noise else "mismatch_"))
-        if kind == model.noise:
+        res.update(stats(out, "" if kind == (model.noise or "white") else "mismatch_"))
+        if kind == (model.noise or "white"):
             samples = out
-    res["mismatch_noise"] = "white" if model.noise == "gp" else "gp"
+    if model.noise:
+        res["mismatch_noise"] = "white" if model.noise == "gp" else "gp"
     res.update(stats(finish(mu), "regression_"))
     if model.task == "sr8":
         bic = degraded
@@ -397,10 +402,10 @@ def stage_evalreg(task: str, ckpt: Path, masks: str = "free") -> dict:
     return res
 
 
-def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int) -> dict:
+def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int, weights: str = "ema") -> dict:
     from storage.models import save_model
 
-    model, card = assemble(task, noise, ckpt)
+    model, card = assemble(task, noise, ckpt, weights)
     views, names = heldout_views()
     res, _ = evaluate_residual(model, views, eval_steps)
     card["eval"] = {**res, "heldout_views": names, "size": 256}
@@ -422,7 +427,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.train_residual", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", required=True, choices=["ae", "reg", "evalreg", "diff", "save"])
     p.add_argument("--task", default="sr8", choices=["sr8", "inpaint"])
-    p.add_argument("--noise", default="gp", choices=["gp", "white"])
+    p.add_argument("--noise", default="gp", choices=["gp", "white", "none"], help="none (save): the regression-only model")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=128)
@@ -434,6 +439,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "assets" / "models"))
     p.add_argument("--eval-steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="save: EMA or raw diffusion weights")
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -448,7 +454,7 @@ def main(argv=None) -> int:
     elif a.stage == "diff":
         stage_diff(a.task, a.noise, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 5e-4, stop_at=a.stop_at)
     else:
-        stage_save(a.task, a.noise, ckpt, Path(a.out), a.eval_steps)
+        stage_save(a.task, a.noise, ckpt, Path(a.out), a.eval_steps, a.weights)
     return 0
 
 

@@ -104,8 +104,12 @@ class ResidualRestorationModel(RestorationModel):
         return torch.cat([z + self.regressor(inp), inp], dim=1)  # (B, C + Cr, h, w)
 
     def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """x0_hat (B, C, h, w); a regression-only model (no residual denoiser) predicts mu at every sigma, so any
+        sampler ends at mu + (sigma_min / sigma_max) * noise: the deterministic restoration."""
+        if cond is None:
+            raise ValueError("a residual model needs its condition (from condition(degraded, mask))")
         if self.denoiser is None:
-            raise ValueError(f"model {self.model_id!r} has no residual denoiser yet (regressor only)")
+            return cond[:, : self.latent_channels].to(x.dtype).expand_as(x)
         return self.denoiser(x, sigma, cond)
 
 

@@ -107,8 +107,10 @@ def test_residual_model_needs_mask_and_denoiser():
     model = build_residual_model(card, LappedAutoencoder(6, 8))
     with pytest.raises(ValueError, match="need a mask"):
         model.condition(_images(1, 32))
-    with pytest.raises(ValueError, match="no residual denoiser"):
-        model.denoise(torch.zeros(1, 6, 4, 4), 1.0, model.condition(_images(1, 32), torch.zeros(1, 1, 32, 32)))
+    cond = model.condition(_images(1, 32), torch.zeros(1, 1, 32, 32))
+    assert torch.equal(model.denoise(torch.randn(1, 6, 4, 4), 1.0, cond), cond[:, :6])  # regression only: D = mu
+    with pytest.raises(ValueError, match="needs its condition"):
+        model.denoise(torch.zeros(1, 6, 4, 4), 1.0, None)
 
 
 def test_pca_autoencoder_unchanged_by_registration():
