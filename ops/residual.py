@@ -108,8 +108,8 @@ class ResidualRestorationModel(RestorationModel):
         sampler ends at mu + (sigma_min / sigma_max) * noise: the deterministic restoration."""
         if cond is None:
             raise ValueError("a residual model needs its condition (from condition(degraded, mask))")
-        if self.denoiser is None:
-            return cond[:, : self.latent_channels].to(x.dtype).expand_as(x)
+        if self.denoiser is None:  # constant in x; `+ 0 * x` keeps it in x's graph for self-guidance (zero gradient)
+            return cond[:, : self.latent_channels].to(x.dtype) + 0 * x
         return self.denoiser(x, sigma, cond)
 
 
