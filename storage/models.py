@@ -120,7 +120,7 @@ def save_model(model: RestorationModel, directory, card: dict) -> Path:
     save_file(state, str(tmp))
     os.replace(tmp, d / WEIGHTS)
     card = dict(card)
-    card["weights_dtype"] = "float16" if model.denoiser is not None else "float32"
+    card["weights_dtype"] = "float16" if any(v.dtype == torch.float16 for v in state.values()) else "float32"
     card["params"] = int(sum(v.numel() for k, v in state.items() if k.startswith("denoiser.")) or
                          sum(v.numel() for v in state.values()))
     card["weights_sha256"] = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()
