@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_AUTH_MODE ?= disabled
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: install demo test test-fast bench experiments clean
+.PHONY: install demo test test-fast bench experiments clean train-data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Training photographs (Debian wallpaper packages, apt as root) -> .cache/train-data; not needed by demo/test.
+train-data: $(STAMP)
+	$(BIN)/python -m storage.train_data $(if $(filter 0,$(shell id -u)),--install,)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

@@ -328,7 +328,15 @@ def train_denoiser(task: str = "all", noise: str = "both", steps: int = 2000, ba
 
 
 def cli(argv: list[str]) -> int:
-    """`restore-video train ...`: parse argv, run the flow, print the eval numbers as JSON."""
+    """`restore-video train ...`: parse argv, run the flow, print the eval numbers as JSON.
+
+    `restore-video train residual ...` trains the lapped-latent regression + residual diffusion models instead
+    (flows/train_residual.py: stages ae, reg, diff, save; --resume continues each from its checkpoint).
+    """
+    if argv and argv[0] == "residual":
+        from flows.train_residual import main
+
+        return main(argv[1:])
     p = argparse.ArgumentParser(prog="restore-video train", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", choices=["sr8", "inpaint", "vae", "all"])
     p.add_argument("--noise", default="both", choices=["gp", "white", "both"])

@@ -50,14 +50,50 @@ def make_noise(kind: str, generator: torch.Generator, shape, device=None) -> tor
     raise ValueError(f"noise must be 'gp' or 'white', got {kind!r}")
 
 
-def degrade_batch(task: str, images: torch.Tensor, generator: torch.Generator, factor: int = 8):
-    """Degraded input for a task -> (degraded (B,3,H,W), mask (B,1,H,W) or None); sr8 gives the bicubic upsampling."""
-    if task == "sr8":
-        return degrade.upsample(degrade.downsample(images, factor), factor), None
+def scratch_masks(generator: torch.Generator, batch: int, height: int, width: int, max_scratches: int = 6,
+                  max_dust: int = 12) -> torch.Tensor:
+    """Damaged-film masks, 1 = hole -> (B, 1, H, W): near-vertical scratches 1-4 px wide over the whole height
+    (slightly slanted and wavy) and round dust spots of radius 1-4 px."""
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    out = torch.zeros(batch, 1, height, width)
+
+    def u(*shape):
+        return torch.rand(*shape, generator=generator, device=generator.device).cpu()
+
+    for i in range(batch):
+        m = torch.zeros(height, width, dtype=torch.bool)
+        for _ in range(1 + int(u(1) * max_scratches)):
+            x0, slope, amp, half = float(u(1)) * width, (float(u(1)) - 0.5) * 0.1, float(u(1)) * 3, 0.5 + 1.5 * float(u(1))
+            phase, freq = float(u(1)) * 6.28, 2 * math.pi / (height * (0.5 + float(u(1))))
+            centre = x0 + slope * ys[:, :1] + amp * torch.sin(freq * ys[:, :1] + phase)  # (H, 1)
+            m |= (xs - centre).abs() <= half
+        for _ in range(int(u(1) * (max_dust + 1))):
+            cy, cx, r = float(u(1)) * height, float(u(1)) * width, 1 + 3 * float(u(1))
+            m |= (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+        out[i, 0] = m.float()
+    return out
+
+
+def degrade_batch(task: str, images: torch.Tensor, generator: torch.Generator, factor: int = 8, masks: str = "free"):
+    """Degraded input for a task -> (degraded (B,3,H,W), mask (B,1,H,W) or None); sr8 / sr4 give the bicubic upsampling.
+
+    masks (inpaint): 'free' (strokes + boxes, `degrade.random_masks`), 'scratch' (`scratch_masks`) or 'mixed'
+    (each image one family or the other, 50/50).
+    """
+    if task in ("sr8", "sr4"):
+        f = 4 if task == "sr4" else factor
+        return degrade.upsample(degrade.downsample(images, f), f), None
     if task == "inpaint":
-        mask = degrade.random_masks(generator, images.shape[0], images.shape[-2], images.shape[-1], device=images.device)
+        b, _, h, w = images.shape
+        if masks not in ("free", "scratch", "mixed"):
+            raise ValueError(f"masks must be 'free', 'scratch' or 'mixed', got {masks!r}")
+        mask = degrade.random_masks(generator, b, h, w, device=images.device) if masks != "scratch" else None
+        if masks != "free":
+            scratch = scratch_masks(generator, b, h, w).to(images.device)
+            pick = (torch.rand(b, generator=generator, device=generator.device).cpu() < 0.5).to(images.device)
+            mask = scratch if mask is None else torch.where(pick.view(-1, 1, 1, 1), scratch, mask)
         return degrade.apply_mask(images, mask), mask
-    raise ValueError(f"task must be 'sr8' or 'inpaint', got {task!r}")
+    raise ValueError(f"task must be 'sr8', 'sr4' or 'inpaint', got {task!r}")
 
 
 def edm_loss(model, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
@@ -93,6 +129,22 @@ def mean_gradient(images: torch.Tensor) -> torch.Tensor:
     gy = images[:, :, 1:, :-1] - images[:, :, :-1, :-1]
     gx = images[:, :, :-1, 1:] - images[:, :, :-1, :-1]
     return torch.sqrt(gx**2 + gy**2 + 1e-12).mean((1, 2, 3))
+
+
+def cell_border_ratio(images: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Mean |horizontal + vertical pixel difference| across `cell`-px borders / the mean elsewhere -> scalar."""
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs()  # (B, C, H, W-1): x[i+1] - x[i]
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs()  # (B, C, H-1, W)
+    bx = (torch.arange(1, images.shape[-1], device=images.device) % cell == 0)  # a border lies between i and i+1
+    by = (torch.arange(1, images.shape[-2], device=images.device) % cell == 0)
+    border = (dx[..., bx].sum() + dy[..., by, :].sum()) / (dx[..., bx].numel() + dy[..., by, :].numel())
+    inner = (dx[..., ~bx].sum() + dy[..., ~by, :].sum()) / (dx[..., ~bx].numel() + dy[..., ~by, :].numel())
+    return border / inner.clamp_min(1e-12)
+
+
+def blockiness(restored: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Block artefacts: cell-border ratio of the restoration over that of the ground truth (1 = none) -> scalar."""
+    return cell_border_ratio(restored, cell) / cell_border_ratio(truth, cell)
 
 
 def telea_inpaint(images: torch.Tensor, mask: torch.Tensor, radius: int = 5) -> torch.Tensor:

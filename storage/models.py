@@ -81,15 +81,23 @@ def _refuse_pickle_file(f: Path) -> None:
                          f"'{f.with_suffix('.safetensors').name}')` on a trusted machine).")
 
 
-def autoencoder_from_config(cfg: dict) -> PCAAutoencoder:
+def autoencoder_from_config(cfg: dict):
+    if cfg.get("type") == "lapped":
+        from ops.lapped import LappedAutoencoder
+
+        return LappedAutoencoder(int(cfg["latent_channels"]), int(cfg.get("factor", 8)))
     if cfg.get("type") != "pca":
-        raise ValueError(f"unknown embedded autoencoder type {cfg.get('type')!r}")
+        raise ValueError(f"unknown embedded autoencoder type {cfg.get('type')!r} (pca or lapped)")
     return PCAAutoencoder(int(cfg["latent_channels"]), int(cfg.get("factor", 8)))
 
 
 def build_model(card: dict, model_id: str = "") -> RestorationModel:
     """An untrained RestorationModel of the architecture a card describes."""
     ae = autoencoder_from_config(card["autoencoder"])
+    if card.get("kind") == "residual":  # regression + residual diffusion (ops/residual.py)
+        from ops.residual import build_residual_model
+
+        return build_residual_model(card, ae, model_id=model_id)
     den = None
     if card["task"] != "vae":
         a = card["denoiser"]
@@ -107,14 +115,14 @@ def save_model(model: RestorationModel, directory, card: dict) -> Path:
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    # Denoiser weights are stored in float16 (half the size; loaded back into float32 parameters).
-    state = {k: (v.detach().half() if k.startswith("denoiser.") and v.is_floating_point() else v.detach()).contiguous().cpu()
+    # Denoiser (and regressor) weights are stored in float16 (half the size; loaded back into float32 parameters).
+    state = {k: (v.detach().half() if k.startswith(("denoiser.", "regressor.")) and v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.state_dict().items()}
     tmp = d / (WEIGHTS + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, d / WEIGHTS)
     card = dict(card)
-    card["weights_dtype"] = "float16" if model.denoiser is not None else "float32"
+    card["weights_dtype"] = "float16" if any(v.dtype == torch.float16 for v in state.values()) else "float32"
     card["params"] = int(sum(v.numel() for k, v in state.items() if k.startswith("denoiser.")) or
                          sum(v.numel() for v in state.values()))
     card["weights_sha256"] = hashlib.sha256((d / WEIGHTS).read_bytes()).hexdigest()

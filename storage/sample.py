@@ -12,13 +12,16 @@ import numpy as np
 from storage.video import write_video
 
 
+SOURCE_IMAGE = "coffee"  # held out of every embedded model's training (storage.models / storage.train_data)
+
+
 def _photo(size: int, image: np.ndarray | None = None) -> np.ndarray:
-    """The source photograph (skimage's astronaut, or `image` (H, W, 3) uint8), centre square, resized so the camera
-    has room to move: (S, S, 3) uint8, S >= 2*size."""
+    """The source photograph (skimage's SOURCE_IMAGE, or `image` (H, W, 3) uint8), centre square, resized so the
+    camera has room to move: (S, S, 3) uint8, S >= 2*size."""
     if image is None:
         from skimage import data
 
-        image = data.astronaut()  # (512, 512, 3) uint8
+        image = getattr(data, SOURCE_IMAGE)()  # (400, 600, 3) uint8
     h, w = image.shape[:2]
     side = min(h, w)
     img = np.ascontiguousarray(image[(h - side) // 2: (h - side) // 2 + side, (w - side) // 2: (w - side) // 2 + side])

@@ -47,7 +47,7 @@ def model_info(name: str) -> dict:
         card = json.loads((d / CARD).read_text())
         return {"task": card["task"], "noise": card.get("noise"), "latent_channels": int(card["autoencoder"]["latent_channels"]),
                 "factor": int(card["autoencoder"].get("factor", 8)), "layout": "concat", "text": False,
-                "linear_decoder": card["autoencoder"].get("type") == "pca"}
+                "linear_decoder": card["autoencoder"].get("type") in ("pca", "lapped")}  # both decode linearly
     try:
         unet = json.loads((d / "unet" / "config.json").read_text())
         vae = json.loads((d / "vae" / "config.json").read_text())

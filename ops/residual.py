@@ -1,0 +1,132 @@
+"""Regression + residual diffusion (stochastic refinement, Whang et al. 2022; ResShift, Yue et al. 2023).
+
+A small deterministic regressor R predicts the latent mean mu = z_in + R(cond) of the restoration from the encoded
+degraded frame z_in; a diffusion model only generates the residual r = x0 - mu:
+
+    D(x, sigma, cond) = mu + D_r(x - mu, sigma, [mu, cond])          (EDM-preconditioned D_r, sigma_data = std r)
+
+Sampling starts from sigma_max * noise as usual (GP noise for Warped Diffusion), so noise warping and
+equivariance self-guidance act on the stochastic part, while most of the frame comes from R, which is temporally
+stable by construction (a function of the degraded frame only). The condition the pipeline stores per frame is
+[mu, regressor input]: R runs once per frame (in `condition`), not at every sampling step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .denoisers import EDMDenoiser, RestorationModel, build_unet
+from .training import telea_inpaint
+
+
+class ResBlock(nn.Module):
+    """conv3x3 - SiLU - conv3x3 with a skip connection (no normalisation: a regressor sees one image at a time)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, padding_mode="replicate")
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, padding_mode="replicate")
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(x)))
+
+
+class LatentRegressor(nn.Module):
+    """Conv net at latent resolution: (B, Cin, h, w) -> (B, Cout, h, w) correction (zero at initialisation)."""
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 64, blocks: int = 4):
+        super().__init__()
+        if width < 1 or blocks < 0:
+            raise ValueError(f"width must be >= 1 and blocks >= 0, got {width}, {blocks}")
+        self.head = nn.Conv2d(in_channels, width, 3, padding=1, padding_mode="replicate")
+        self.body = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
+        self.tail = nn.Conv2d(width, out_channels, 3, padding=1, padding_mode="replicate")
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def forward(self, x):
+        return self.tail(self.body(self.head(x)))
+
+
+class ResidualDenoiser(nn.Module):
+    """D(x, sigma, cond) = mu + D_r(x - mu, sigma, cond) with mu = cond[:, :C] (C = the latent's channels)."""
+
+    def __init__(self, residual: EDMDenoiser, latent_channels: int):
+        super().__init__()
+        self.residual = residual
+        self.latent_channels = int(latent_channels)
+
+    def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor) -> torch.Tensor:
+        mu = cond[:, : self.latent_channels].to(x.dtype)  # (B, C, h, w)
+        return mu + self.residual(x - mu, sigma, cond)
+
+
+class ResidualRestorationModel(RestorationModel):
+    """RestorationModel whose condition() runs the regressor and whose denoiser diffuses the residual only.
+
+    condition(degraded, mask) -> [mu (C), regressor input (Cr)]: sr8: Cr = C (encode(bicubic)); inpaint:
+    Cr = C + f^2 (encode(holes filled by Telea when card["prefill"] == "telea", else 0.5), pixel-unshuffled
+    mask: where in each cell the holes are). Measured on held-out views before Telea prefill: the regressor
+    alone filled thin scratches at 22.7 dB hole PSNR against Telea's 30.7.
+    `predict(degraded, mask)` -> mu (the regression-only restoration, in latent space).
+    """
+
+    def __init__(self, autoencoder: nn.Module, regressor: LatentRegressor, denoiser: ResidualDenoiser | None,
+                 task: str, noise: str | None = None, sigma_min: float = 0.002, sigma_max: float = 10.0,
+                 card: dict | None = None, model_id: str = ""):
+        super().__init__(autoencoder, denoiser, task, noise, sigma_min, sigma_max, card, model_id)
+        if task not in ("sr8", "inpaint"):
+            raise ValueError(f"a residual model restores 'sr8' or 'inpaint', got {task!r}")
+        self.regressor = regressor
+
+    def regressor_input(self, degraded: torch.Tensor, mask: torch.Tensor | None = None):
+        """-> (regressor input (B, Cr, h, w), encoded degraded frame z_in (B, C, h, w))."""
+        if self.task == "sr8":
+            z = self.encode(degraded)
+            return z, z
+        if mask is None:
+            raise ValueError("inpaint models need a mask (B, 1, H, W) with 1 = hole")
+        if self.card.get("prefill") == "telea":  # start from OpenCV's Telea fill, not a grey hole
+            filled = telea_inpaint(degraded.detach().float().clamp(0, 1), mask.detach().float()).to(degraded.dtype)
+            z = self.encode(mask * filled + (1 - mask) * degraded)
+        else:
+            z = self.encode(degraded * (1 - mask) + 0.5 * mask)
+        return torch.cat([z, F.pixel_unshuffle(mask.to(z.dtype), self.factor)], dim=1), z
+
+    def predict(self, degraded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        inp, z = self.regressor_input(degraded, mask)
+        return z + self.regressor(inp)  # (B, C, h, w)
+
+    def condition(self, degraded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        inp, z = self.regressor_input(degraded, mask)
+        return torch.cat([z + self.regressor(inp), inp], dim=1)  # (B, C + Cr, h, w)
+
+    def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """x0_hat (B, C, h, w); a regression-only model (no residual denoiser) predicts mu at every sigma, so any
+        sampler ends at mu + (sigma_min / sigma_max) * noise: the deterministic restoration."""
+        if cond is None:
+            raise ValueError("a residual model needs its condition (from condition(degraded, mask))")
+        if self.denoiser is None:  # constant in x; `+ 0 * x` keeps it in x's graph for self-guidance (zero gradient)
+            return cond[:, : self.latent_channels].to(x.dtype) + 0 * x
+        return self.denoiser(x, sigma, cond)
+
+
+def regressor_channels(task: str, latent_channels: int, factor: int) -> int:
+    """Channels of the regressor input for a task (see ResidualRestorationModel.regressor_input)."""
+    return latent_channels + (factor * factor if task == "inpaint" else 0)
+
+
+def build_residual_model(card: dict, autoencoder: nn.Module, model_id: str = "") -> ResidualRestorationModel:
+    """An untrained ResidualRestorationModel of the architecture a card describes (card["residual"])."""
+    c, f = int(autoencoder.latent_channels), int(autoencoder.factor)
+    a = card["residual"]
+    cr = regressor_channels(card["task"], c, f)
+    reg = LatentRegressor(cr, c, int(a["regressor"]["width"]), int(a["regressor"]["blocks"]))
+    den = None
+    if a.get("unet"):
+        unet = build_unet(in_channels=c + c + cr, out_channels=c, **a["unet"])
+        den = ResidualDenoiser(EDMDenoiser(unet, sigma_data=float(a["sigma_data"]), time_scale=float(a["time_scale"])), c)
+    return ResidualRestorationModel(autoencoder, reg, den, card["task"], card.get("noise"), card.get("sigma_min", 0.002),
+                                    card.get("sigma_max", 10.0), card=card, model_id=model_id)

@@ -1,0 +1,194 @@
+"""Lapped latent, blockiness metric, regression + residual diffusion models (tiny sizes), resumable training loop."""
+
+import json
+
+import pytest
+import torch
+
+from ops import training
+from ops.autoencoders import PCAAutoencoder, fit_pca_autoencoder, image_patches
+from ops.lapped import LappedAutoencoder, fit_lapped, init_from_pca, sine_window
+from ops.residual import ResidualRestorationModel, build_residual_model
+from storage import models as store
+
+
+def _images(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(base, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def test_sine_window_is_princen_bradley():
+    w = sine_window(4)  # (8, 8)
+    line = torch.sin(torch.pi * (torch.arange(8) + 0.5) / 8)
+    assert torch.allclose(line[:4] ** 2 + line[4:] ** 2, torch.ones(4), atol=1e-6)
+    assert torch.allclose(w, line[:, None] * line[None, :], atol=1e-6)
+
+
+def test_lapped_shapes_linear_and_pca_start():
+    x = _images(2, 32)
+    pca = fit_pca_autoencoder(image_patches(x, 4), 12, factor=4)
+    ae = init_from_pca(LappedAutoencoder(12, factor=4), pca.components, pca.mean)
+    z = ae.encode(x)
+    assert z.shape == (2, 12, 8, 8)
+    a, b = torch.randn(2, 12, 8, 8), torch.randn(2, 12, 8, 8)
+    lin = ae.decode(a + 2 * b, clamp=False) - ae.mean
+    assert torch.allclose(lin, (ae.decode(a, clamp=False) - ae.mean) + 2 * (ae.decode(b, clamp=False) - ae.mean), atol=1e-5)
+    # Started from PCA, each cell decodes into its own 4x4 block: the PCA reconstruction up to the mean handling.
+    pca_rec = pca.decode(pca.encode(x), clamp=False)
+    err_lapped = (ae.decode(ae.encode(x), clamp=False) - x).pow(2).mean()
+    assert err_lapped < 4 * (pca_rec - x).pow(2).mean() + 1e-4
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ae.encode(torch.rand(1, 3, 30, 32))
+
+
+def test_fit_lapped_reduces_error_and_block_pattern():
+    g = torch.Generator().manual_seed(1)
+    imgs = [_images(1, 64, seed=s)[0] for s in range(3)]
+    crops = lambda step: training.random_crops(g, imgs, 4, 32)  # noqa: E731
+    pca = fit_pca_autoencoder(image_patches(crops(0), 4), 6, factor=4)
+    ae = init_from_pca(LappedAutoencoder(6, factor=4), pca.components, pca.mean)
+    err = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(2))
+    before = training.cell_border_ratio(ae.decode(err, clamp=False), 4)
+    fit_lapped(ae, crops, 20, lr=3e-3, smooth=1e-2, generator=g)
+    after = training.cell_border_ratio(ae.decode(err * ae.scale.view(1, -1, 1, 1), clamp=False), 4)
+    assert after < before
+    z = ae.encode(crops(99))
+    assert torch.allclose(z.std(dim=(0, 2, 3)), torch.ones(6), atol=0.5)  # whitened (on another batch)
+
+
+def test_blockiness_sees_a_block_pattern():
+    x = _images(1, 64)
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 8), scale_factor=8, mode="nearest")
+    assert training.blockiness(x, x) == pytest.approx(1.0)
+    assert training.blockiness(0.5 * x + 0.5 * blocks, x) > 1.5
+
+
+def _card(task, c=6, f=8):
+    return {"kind": "residual", "name": f"{task}-res-gp", "task": task, "noise": "gp", "sigma_max": 10.0,
+            **({"prefill": "telea"} if task == "inpaint" else {}),
+            "autoencoder": {"type": "lapped", "latent_channels": c, "factor": f},
+            "residual": {"regressor": {"width": 8, "blocks": 1}, "sigma_data": 0.5, "time_scale": 250.0,
+                         "unet": {"block_out_channels": [8, 16], "layers_per_block": 1, "attention": False, "norm_num_groups": 4}}}
+
+
+@pytest.mark.parametrize("task", ["sr8", "inpaint"])
+def test_residual_model_condition_denoise_and_roundtrip(task, tmp_path):
+    torch.manual_seed(0)
+    card = _card(task)
+    model = store.build_model(card, "m")
+    assert isinstance(model, ResidualRestorationModel)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    x = _images(2, 32)
+    mask = (torch.rand(2, 1, 32, 32) < 0.2).float() if task == "inpaint" else None
+    cond = model.condition(x, mask)
+    cr = 6 + (64 if task == "inpaint" else 0)
+    assert cond.shape == (2, 6 + cr, 4, 4)
+    mu = model.predict(x, mask)
+    assert torch.allclose(cond[:, :6], mu)
+    if task == "inpaint":  # the regressor starts from the Telea fill: a grey hole would encode differently
+        grey = model.encode(x * (1 - mask) + 0.5 * mask)
+        assert not torch.allclose(cond[:, 6:12], grey, atol=1e-3)
+    # At a tiny sigma the EDM denoiser returns its input: D = mu + (x - mu).
+    xt = torch.randn(2, 6, 4, 4)
+    assert torch.allclose(model.denoise(xt, torch.full((2,), 1e-4), cond), xt, atol=1e-3)
+    store.save_model(model, tmp_path / card["name"], card)
+    back = store.load_own(tmp_path / card["name"])
+    saved = json.loads((tmp_path / card["name"] / "card.json").read_text())
+    assert saved["weights_dtype"] == "float16"
+    assert torch.allclose(back.denoise(xt, torch.full((2,), 0.5), cond), model.denoise(xt, torch.full((2,), 0.5), cond), atol=2e-3)
+
+
+def test_residual_model_needs_mask_and_denoiser():
+    card = _card("inpaint")
+    card["residual"]["unet"] = None
+    model = build_residual_model(card, LappedAutoencoder(6, 8))
+    with pytest.raises(ValueError, match="need a mask"):
+        model.condition(_images(1, 32))
+    cond = model.condition(_images(1, 32), torch.zeros(1, 1, 32, 32))
+    assert torch.equal(model.denoise(torch.randn(1, 6, 4, 4), 1.0, cond), cond[:, :6])  # regression only: D = mu
+    with pytest.raises(ValueError, match="needs its condition"):
+        model.denoise(torch.zeros(1, 6, 4, 4), 1.0, None)
+
+
+def test_pca_autoencoder_unchanged_by_registration():
+    ae = store.autoencoder_from_config({"type": "pca", "latent_channels": 4})
+    assert isinstance(ae, PCAAutoencoder)
+    with pytest.raises(ValueError, match="pca or lapped"):
+        store.autoencoder_from_config({"type": "kl"})
+
+
+def test_training_loop_resumes_bit_for_bit(tmp_path):
+    from flows.train_residual import _loop, load_ckpt
+
+    def run(steps, path, resume, stop_at=None):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+
+        def loss_fn(step, g):
+            x = torch.randn(4, 3, generator=g)
+            return (net(x) - x[:, :2]).pow(2).mean()
+
+        ema, state = _loop("t", path, net, loss_fn, steps, 1e-2, 0, resume, None, 1000, {"k": 1}, stop_at=stop_at)
+        return net, ema, state
+
+    full, ema_full, _ = run(6, tmp_path / "a", False)
+    run(6, tmp_path / "b", False, stop_at=3)  # a run stopped after 3 of 6 steps ...
+    _, state = load_ckpt(tmp_path / "b")
+    assert state["step"] == 3 and state["k"] == 1 and not state["done"]
+    resumed, ema_res, state = run(6, tmp_path / "b", True)  # ... continued to 6
+    assert state["step"] == 6 and state["done"]
+    assert torch.equal(resumed.weight, full.weight)
+    assert torch.equal(ema_res["weight"], ema_full["weight"])
+
+
+def test_scratch_masks_are_thin_and_mixed_batches_use_both_families():
+    g = torch.Generator().manual_seed(0)
+    m = training.scratch_masks(g, 3, 64, 48)
+    assert m.shape == (3, 1, 64, 48) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert (m.mean((1, 2, 3)) < 0.35).all() and (m.mean((1, 2, 3)) > 0).all()
+    assert (m[:, 0].sum(0) > 0).any(dim=1).float().mean() > 0.9  # a scratch crosses (almost) every row
+    x = _images(8, 32)
+    _, mixed = training.degrade_batch("inpaint", x, torch.Generator().manual_seed(3), masks="mixed")
+    _, free = training.degrade_batch("inpaint", x, torch.Generator().manual_seed(3), masks="free")
+    assert not torch.equal(mixed, free)
+    with pytest.raises(ValueError, match="masks must be"):
+        training.degrade_batch("inpaint", x, g, masks="dots")
+
+
+def test_regressor_learns_a_linear_map():
+    from ops.residual import LatentRegressor
+
+    torch.manual_seed(0)
+    reg = LatentRegressor(4, 3, width=16, blocks=2)
+    x = torch.randn(8, 4, 8, 8)
+    target = 0.5 * x[:, :3] - 0.2 * x[:, 1:]
+    opt = torch.optim.Adam(reg.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = (reg(x) - target).pow(2).mean()
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.3 * first
+
+
+@pytest.mark.parametrize("name", ["sr8-reg", "sr8-res-gp", "sr8-res-white", "inpaint-reg", "inpaint-res-gp"])
+def test_shipped_residual_models_load_and_never_saw_the_demo_image(name):
+    from storage.sample import SOURCE_IMAGE
+    from storage.train_data import SKIMAGE_TEST, TEST
+
+    model = store.load_model(name)
+    card = model.card
+    assert isinstance(model, ResidualRestorationModel) and card["weights_dtype"] == "float16"
+    seen = set(card["data"]["train_photographs"]) | set(card["data"]["train_skimage"])
+    assert SOURCE_IMAGE not in seen and not seen & (set(TEST) | set(SKIMAGE_TEST))
+    assert card["steps"] > 0 and card["wall_time_s"] > 0 and card["eval"]["views"] >= 14
+    x = _images(1, 64)
+    mask = (torch.rand(1, 1, 64, 64) < 0.1).float() if model.task == "inpaint" else None
+    with torch.no_grad():
+        d = model.denoise(torch.randn(1, model.latent_channels, 8, 8), torch.tensor([1.0]), model.condition(x, mask))
+    assert d.shape == (1, model.latent_channels, 8, 8) and torch.isfinite(d).all()
