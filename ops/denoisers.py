@@ -201,8 +201,8 @@ class RestorationModel(nn.Module):
                  sigma_min: float = 0.002, sigma_max: float = 80.0, card: dict | None = None, model_id: str = "",
                  mask_pool: str = "avg", known_replace: bool = False, known_pixels: bool = False):
         super().__init__()
-        if task not in ("sr8", "inpaint", "vae"):
-            raise ValueError(f"task must be 'sr8', 'inpaint' or 'vae', got {task!r}")
+        if task not in ("sr8", "inpaint", "vae", "prior"):
+            raise ValueError(f"task must be 'sr8', 'inpaint', 'prior' (unconditional) or 'vae', got {task!r}")
         if noise not in ("gp", "white", None):
             raise ValueError(f"noise must be 'gp', 'white' or None, got {noise!r}")
         self.autoencoder = autoencoder
@@ -235,6 +235,8 @@ class RestorationModel(nn.Module):
                 pixels = F.pixel_unshuffle(torch.cat([mask, degraded * (1 - mask)], dim=1), self.factor)
                 cond = torch.cat([cond, pixels.to(cond.dtype)], dim=1)
             return cond
+        if self.task == "prior":  # unconditional: the zero-shot solvers (ops.solvers) bring the measurement
+            return None
         raise ValueError("a 'vae' model has no denoiser and takes no condition")
 
     def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
