@@ -20,7 +20,7 @@ def _env_defaults() -> None:
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="sr8", help="sr8 | inpaint")
+    p.add_argument("--task", default="sr8", help="sr8 | inpaint | deblur | denoise (deblur/denoise: zero-shot --solver)")
     p.add_argument("--method", default="warped-diffusion", help=" | ".join(METHODS))
     p.add_argument("--mode", default="restore", help="restore (input is degraded) | benchmark (input is ground truth)")
     p.add_argument("--mask", default=None, help="inpaint: mask image/video URL, white = hole")
@@ -39,13 +39,20 @@ def _add_restore_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=None, help="latent tile edge in latent pixels (default: from the memory estimate)")
     p.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
                    help=f"largest output frame in pixels (default {DEFAULT_MAX_OUTPUT_PIXELS} = 3840x2160)")
+    p.add_argument("--solver", default="conditional",
+                   help="conditional (the task's model) | dps | dflow | dmplug | vipaint (zero-shot, unconditional prior)")
+    p.add_argument("--source", default="frame", help="dflow/dmplug: frame (per-frame noise) | video (shared GP weights)")
+    p.add_argument("--iterations", type=int, default=20, help="dflow/dmplug/vipaint optimisation iterations")
+    p.add_argument("--zeta", type=float, default=1.0, help="dps/vipaint measurement step size")
+    p.add_argument("--lr", type=float, default=None, help="dflow/dmplug/vipaint learning rate (default: the solver's)")
 
 
 def _restore_params(args) -> dict:
     params = dict(task=args.task, method=args.method, mode=args.mode, mask=args.mask, frames=args.frames, steps=args.steps,
                   guidance=args.guidance, guidance_space=args.guidance_space, seed=args.seed, model=args.model, flow_backend=args.flow_backend, out=args.out,
                   executor=args.executor, max_batch=args.max_batch, window=args.window, tile=args.tile,
-                  max_output_pixels=args.max_output_pixels)
+                  max_output_pixels=args.max_output_pixels, solver=args.solver, source=args.source,
+                  iterations=args.iterations, zeta=args.zeta, lr=args.lr)
     if args.work_root:
         params["work_root"] = args.work_root
     return params

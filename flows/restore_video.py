@@ -141,20 +141,27 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
     # 4-5. conditioning latents and initial noise
     model = model_info(cfg.model_name)  # from the card: a fully cached run never loads the network
-    if model["task"] != cfg.task:
+    if cfg.zero_shot and model["task"] != "prior":
+        raise ValueError(f"--solver {cfg.solver} needs an unconditional prior; model {cfg.model_name!r} was trained for "
+                         f"task {model['task']!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
+    if not cfg.zero_shot and model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    k_enc = encode_stage.encode_key(k_prep, cfg.model_name)
-    records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name)
+    k_enc = None  # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
+    if not cfg.zero_shot:
+        k_enc = encode_stage.encode_key(k_prep, cfg.model_name)
+        records["encode"] = encode_stage.encode(cfg.work_root, opts, k_enc, k_prep, cfg.model_name)
     base = model["noise"] if model["noise"] in ("gp", "white") else "white"
     channels = model["latent_channels"]
     k_noise = noise_stage.noise_key(k_flow, cfg.noise_method, cfg.seed, channels, base)
     records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k_noise, k_flow, cfg.noise_method, cfg.seed, channels, base)
     # 6. sampling (the expensive stage)
-    space = resolve_guidance_space(cfg.guidance_space, model)
+    space = "latent" if cfg.zero_shot else resolve_guidance_space(cfg.guidance_space, model)
     k_sample = sample_stage.sample_key(k_noise, k_enc, k_flow, cfg.model_name, cfg.steps, cfg.guidance_strength, cfg.max_batch,
-                                       space, tile=plan.tile)
+                                       space, tile=plan.tile, solver=cfg.solver_params(), prepare=k_prep)
     request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k_noise, encode=k_enc, flow=k_flow,
                    steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch, guidance_space=space)
+    if cfg.zero_shot:
+        request.update(solver=cfg.solver_params(), zero_shot=dict(prepare=k_prep, task=cfg.task, seed=cfg.seed))
     # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
     if plan.window < plan.frames:
         request["window"] = plan.window
@@ -212,6 +219,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
 
         write_json_atomic(urls["metrics.json"], report, storage_options=opts)
         outputs.log_to_mlflow({**flatten(cfg.model_dump(mode="json")), "guidance_space_used": report["guidance_space"]}, report, computed["per_frame"], urls, opts)
+        sampled = store.open("sample", k_sample)  # a zero-shot solver's loss curves -> metric series solver_<name>
+        for name in [v for v in sampled.data_vars if str(v).startswith("history_")]:
+            tracking.log_series("solver_" + str(name)[len("history_"):], sampled[name].values.tolist(), run.info.run_id)
     logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")
     return report
 
