@@ -20,7 +20,7 @@ def _env_defaults() -> None:
 
 
 def _add_restore_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="sr8", help="sr8 | inpaint | deblur | denoise (deblur/denoise: zero-shot --solver)")
+    p.add_argument("--task", default="sr8", help="sr8 | inpaint | sr4 | deblur | denoise (sr4/deblur/denoise: zero-shot --solver)")
     p.add_argument("--method", default="warped-diffusion", help=" | ".join(METHODS))
     p.add_argument("--mode", default="restore", help="restore (input is degraded) | benchmark (input is ground truth)")
     p.add_argument("--mask", default=None, help="inpaint: mask image/video URL, white = hole")

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 METHODS = ("warped-diffusion", "gp", "fixed", "resample", "nearest", "bilinear", "integral")
-TASKS = ("sr8", "inpaint", "deblur", "denoise")
+TASKS = ("sr8", "sr4", "inpaint", "deblur", "denoise")
 CONDITIONAL_TASKS = ("sr8", "inpaint")  # tasks with a conditionally trained model; the others need a zero-shot solver
 SOLVERS = ("conditional", "dps", "dflow", "dmplug", "vipaint")  # conditional = the task's own model; others: ops.solvers
 SOURCE_SOLVERS = ("dflow", "dmplug")  # the solvers that optimise the source noise (--source)
@@ -31,7 +31,7 @@ class RestoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="video URL: local path or any fsspec URL (s3://, file://, ...)")
-    task: Literal["sr8", "inpaint", "deblur", "denoise"] = "sr8"
+    task: Literal["sr8", "sr4", "inpaint", "deblur", "denoise"] = "sr8"
     mode: Literal["restore", "benchmark"] = Field(
         "restore", description="restore: the input is the degraded video; benchmark: the input is ground truth, degraded first"
     )

@@ -121,6 +121,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     logger = _logger()
     opts = cfg.storage_options
     t_total = time.perf_counter()
+    if cfg.zero_shot and (task := model_info(cfg.model_name)["task"]) != "prior":  # before any work
+        raise ValueError(f"--solver {cfg.solver} needs an unconditional prior; model {cfg.model_name!r} was trained for "
+                         f"task {task!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
     plan = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
     print(plan.summary(), file=sys.stderr, flush=True)
     logger.info(plan.summary())
@@ -141,9 +144,6 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k_flow, k_prep, cfg.flow_backend)
     # 4-5. conditioning latents and initial noise
     model = model_info(cfg.model_name)  # from the card: a fully cached run never loads the network
-    if cfg.zero_shot and model["task"] != "prior":
-        raise ValueError(f"--solver {cfg.solver} needs an unconditional prior; model {cfg.model_name!r} was trained for "
-                         f"task {model['task']!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
     if not cfg.zero_shot and model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
     k_enc = None  # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents

@@ -2,7 +2,7 @@
 the ground truth. Frame sizes are padded (reflect, bottom/right) to the model's own multiple (latent factor x the
 denoiser's downsampling, `tasks.models.pad_multiple`) and cropped back at decode.
 
-sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)
+sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)   (sr4: the same with 4)
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
 inpaint, restore:   input + mask URL (white = hole) -> cond = input with holes, mask
 inpaint, benchmark: input = ground truth           -> masks generated from the seed, cond = masked truth, truth
@@ -27,7 +27,8 @@ from ops import operators
 from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
-SR_SCALE = 8  # the sr8 task: 8x super-resolution (a property of the task, not of a model)
+SR_SCALES = {"sr8": 8, "sr4": 4}  # the super-resolution tasks and their scales (a property of the task, not a model)
+SR_SCALE = SR_SCALES["sr8"]
 FACTOR = SR_SCALE  # the name tasks.decode imports
 
 
@@ -56,13 +57,13 @@ def degrade_frames(images: torch.Tensor, task_name: str, seed: int, start: int) 
 
 def measurement(task_name: str, prepared: xr.Dataset, frames: slice, device="cpu"):
     """The zero-shot solvers' measurement of frames `frames` -> (y, A) with A(images (B, 3, H, W), rows (B,)) in
-    pixels; rows index y. sr8: y = the low-res input, A = antialiased /8; inpaint: y = known pixels, A = mask;
+    pixels; rows index y. sr8 / sr4: y = the low-res input, A = antialiased /8 or /4; inpaint: y = known pixels, A = mask;
     deblur: y = the blurred input, A = blur with the task's kernel; denoise: y = the input, A = identity."""
     def load(name):
         return _to_float(np.asarray(prepared[name].isel(frame=frames).values)).to(device)  # (F, 3, H, W)
 
-    if task_name == "sr8":
-        return load("input"), lambda x, rows: operators.downsample(x, SR_SCALE)
+    if task_name in SR_SCALES:
+        return load("input"), lambda x, rows: operators.downsample(x, SR_SCALES[task_name])
     if task_name == "inpaint":
         keep = 1.0 - torch.from_numpy(np.asarray(prepared["mask"].isel(frame=frames).values)).float()[:, None].to(device)
         return load("cond") * keep, lambda x, rows: operators.mask(x, keep[rows])
@@ -83,14 +84,15 @@ def input_multiple(task_name: str, mode: str, multiple: int) -> int:
     """The input frames are reflect-padded to this so the model's frames are multiples of its `multiple`: sr8 restore
     pads the low-res input (the smallest m with SR_SCALE * m a multiple), sr8 benchmark pads the truth so it also
     divides by SR_SCALE, inpainting pads to `multiple`."""
-    if task_name == "sr8":
-        return multiple // math.gcd(multiple, SR_SCALE) if mode == "restore" else math.lcm(multiple, SR_SCALE)
+    if task_name in SR_SCALES:
+        scale = SR_SCALES[task_name]
+        return multiple // math.gcd(multiple, scale) if mode == "restore" else math.lcm(multiple, scale)
     return multiple
 
 
 def output_scale(task_name: str, mode: str) -> int:
-    """Output frame size / input frame size: SR_SCALE for sr8 restore, else 1."""
-    return SR_SCALE if (task_name, mode) == ("sr8", "restore") else 1
+    """Output frame size / input frame size: the scale of sr8 / sr4 in restore mode, else 1."""
+    return SR_SCALES[task_name] if task_name in SR_SCALES and mode == "restore" else 1
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -145,15 +147,16 @@ def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int,
         else:
             data["cond"] = padded
         data["input"] = data["cond"]
-    elif task_name == "sr8":
+    elif task_name in SR_SCALES:
+        scale = SR_SCALES[task_name]
         if mode == "benchmark":
             truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
-            low = degrade.downsample(_to_float(truth), SR_SCALE)  # (n, 3, H/8, W/8)
+            low = degrade.downsample(_to_float(truth), scale)  # (n, 3, H/s, W/s)
             data["truth"] = truth
         else:
             low = _to_float(pad_to_multiple(frames, input_multiple(task_name, mode, multiple))[0])  # (n, 3, h', w')
         data["input"] = _to_uint8(low)
-        data["cond"] = _to_uint8(degrade.upsample(low, SR_SCALE))  # (n, H, W, 3)
+        data["cond"] = _to_uint8(degrade.upsample(low, scale))  # (n, H, W, 3)
     else:
         padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
         holes = torch.from_numpy(np.broadcast_to(mask, (len(frames), *mask.shape[1:])).astype(np.float32))[:, None]  # (n, 1, H, W)
@@ -207,7 +210,7 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
         lazy = dask.delayed(chunk, pure=True)(start, stop)
         for name, a in first.items():
             parts[name].append(da.from_delayed(lazy[name], shape=(stop - start, *a.shape[1:]), dtype=a.dtype))
-    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name == "sr8" else DIMS["cond"]}
+    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name in SR_SCALES else DIMS["cond"]}
     data = {name: (dims[name], da.concatenate(p)) for name, p in parts.items()}
     return xr.Dataset(data, attrs=attrs)
 

@@ -47,6 +47,7 @@ def _run(clip, prior_dir, out, work, *extra) -> dict:
     return json.loads((Path(out) / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # two full restores through Prefect: ~45 s on a loaded 2-core machine
 def test_deblur_dflow_video_end_to_end_is_deterministic(clip, prior_dir, tmp_path):
     from flows.config import RestoreConfig
     from ops import gp, solvers
@@ -114,12 +115,13 @@ def test_bad_solver_combinations_are_clear_errors(kwargs, words):
         RestoreConfig(input="x.mp4", **kwargs)
 
 
-def test_conditional_model_for_a_zero_shot_solver_is_refused(clip, tmp_path):
+def test_conditional_model_for_a_zero_shot_solver_is_refused(clip, tmp_path, capsys):
     from flows.cli import main
 
-    code = main(["run", clip, "--task", "sr8", "--solver", "dps", "--mode", "benchmark", "--executor", "inline",
-                 "--out", str(tmp_path / "o"), "--work-root", str(tmp_path / "w")])
+    code = main(["run", clip, "--task", "sr8", "--solver", "dps", "--model", "sr8-gp", "--mode", "benchmark",
+                 "--executor", "inline", "--out", str(tmp_path / "o"), "--work-root", str(tmp_path / "w")])
     assert code == 2
+    assert "needs an unconditional prior" in capsys.readouterr().err
 
 
 def test_benchmark_degradation_does_not_depend_on_chunking(clip):
@@ -135,3 +137,27 @@ def test_benchmark_degradation_does_not_depend_on_chunking(clip):
     assert not np.array_equal(whole["cond"], other["cond"])
     restore = prepare_frames(frames, "denoise", "restore", 8)
     assert np.array_equal(restore["cond"], frames) and "truth" not in restore
+
+
+@pytest.mark.parametrize("task, scale", [("sr4", 4), ("sr8", 8), ("deblur", 1), ("denoise", 1), ("inpaint", 1)])
+def test_measurement_operator_reproduces_the_prepared_degradation(clip, task, scale):
+    """y and A of tasks.prepare.measurement agree with the benchmark degradation: A(truth) ~ y (up to the noise
+    level and uint8 rounding), and super-resolution inputs are 1/scale of the truth."""
+    import xarray as xr
+
+    from storage.video import read_video
+    from tasks.prepare import DEGRADATIONS, DIMS, measurement, prepare_frames
+
+    frames, _ = read_video(clip)
+    mask = np.zeros((1, 48, 64), np.uint8)
+    mask[:, 8:24, 16:40] = 1
+    data = prepare_frames(frames, task, "benchmark", 8, mask if task == "inpaint" else None, seed=1)
+    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if scale > 1 else DIMS["cond"]}
+    prepared = xr.Dataset({k: (dims[k], v) for k, v in data.items()})
+    y, op = measurement(task, prepared, slice(None))
+    truth = torch.from_numpy(data["truth"]).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W)
+    assert y.shape[-2:] == (48 // scale, 64 // scale)
+    err = (op(truth, torch.arange(2)) - y).abs().mean().item()
+    level = DEGRADATIONS.get(task, {}).get("noise", 0.0)
+    assert err < 0.8 * level + 0.01
+    assert ("mask" in data) == (task == "inpaint")
