@@ -36,7 +36,7 @@ from prefect import flow
 
 from flows.config import DEFAULT_WORK_ROOT, METHODS
 
-EXPERIMENTS = ("shift-inpaint", "video-sr", "guidance-sweep")
+EXPERIMENTS = ("shift-inpaint", "video-sr", "guidance-sweep", "zero-shot")
 SHIFT_PX = (8, 0)  # (dx, dy) pixels per frame of the shift-inpaint clip: one latent pixel
 SHIFT_SIZE = 128
 SHIFT_FRAMES = 8
@@ -133,6 +133,32 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
 
 
+# zero-shot (issue 14): tasks x solvers x noise; the solvers backpropagate through the sampler, so fewer steps.
+ZERO_SHOT_TASKS = ("sr4", "inpaint", "deblur")
+ZERO_SHOT_NOISE = {"gp": "warped-diffusion", "independent": "resample"}  # GP noise warped + guidance / fresh per frame
+ZERO_SHOT_STEPS = 10
+
+
+def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
+    """The zero-shot grid as (row, RestoreConfig fields): every task of ZERO_SHOT_TASKS with the conditional model
+    where one exists (inpaint), dps, dflow on per-frame sources, dflow on the video-level GP source (gp noise only:
+    it optimises that GP's weights) and vipaint (inpaint), each under both noises of ZERO_SHOT_NOISE."""
+    cells = []
+    for task in ZERO_SHOT_TASKS:
+        solvers = (["conditional"] if task == "inpaint" else []) + ["dps", "dflow-frame", "dflow-video"]
+        solvers += ["vipaint"] if task == "inpaint" else []
+        for noise, method in ZERO_SHOT_NOISE.items():
+            for solver in solvers:
+                if solver == "dflow-video" and noise != "gp":
+                    continue
+                name, _, source = solver.partition("-")
+                cfg = dict(task=task, method=method, solver=name, guidance=guidance, flow_backend="dis")
+                if source:
+                    cfg["source"] = source
+                cells.append((f"{task}/{solver}/{noise}", cfg))
+    return cells
+
+
 def experiment_grid(name: str, input: str, frames: int | None = None, steps: int | None = None, seeds: int = 1,
                     work_root: str = DEFAULT_WORK_ROOT, shift=SHIFT_PX, guidance: float | None = None) -> list[RunSpec]:
     """Every configuration of experiment `name` on clip `input` (pure: builds dicts, runs nothing).
@@ -157,6 +183,9 @@ def experiment_grid(name: str, input: str, frames: int | None = None, steps: int
                 row = f"{method}/white" if model.endswith("white") else method
                 cells.append((row, dict(task="inpaint", mode="restore", method=method, model=model, guidance=lam,
                                         flow_backend=f"shift:{shift[0]},{shift[1]}")))
+    elif name == "zero-shot":
+        base["steps"] = steps or ZERO_SHOT_STEPS
+        cells.extend(zero_shot_cells(lam))
     elif name == "video-sr":
         for method in METHODS:
             cells.append((method, dict(task="sr8", method=method, flow_backend="dis", guidance=lam)))

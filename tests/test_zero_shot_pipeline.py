@@ -161,3 +161,21 @@ def test_measurement_operator_reproduces_the_prepared_degradation(clip, task, sc
     level = DEGRADATIONS.get(task, {}).get("noise", 0.0)
     assert err < 0.8 * level + 0.01
     assert ("mask" in data) == (task == "inpaint")
+
+
+def test_zero_shot_experiment_grid_is_valid_and_complete():
+    from flows.config import RestoreConfig
+    from flows.experiments import experiment_grid
+
+    specs = experiment_grid("zero-shot", "clip.mp4", seeds=3, work_root="/tmp/w")
+    configs = [RestoreConfig(**s.config) for s in specs]  # every cell is a valid configuration
+    rows = {}
+    for spec, cfg in zip(specs, configs):
+        rows.setdefault(spec.row, []).append(cfg.seed)
+        assert cfg.mode == "benchmark" and cfg.steps == 10
+        assert (cfg.source == "video") == spec.row.endswith("dflow-video/gp")
+        assert cfg.zero_shot == (cfg.solver != "conditional") and (cfg.solver == "conditional") <= (cfg.task == "inpaint")
+    assert all(sorted(seeds) == [0, 1, 2] for seeds in rows.values())
+    assert {r.split("/")[0] for r in rows} == {"sr4", "inpaint", "deblur"}
+    assert "inpaint/vipaint/gp" in rows and "deblur/vipaint/gp" not in rows and "sr4/dflow-video/independent" not in rows
+    assert len({s.config["out"] for s in specs}) == len(specs)
