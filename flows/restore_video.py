@@ -256,12 +256,18 @@ def restore_video(
     window: int | None = None,
     tile: int | None = None,
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
+    solver: str = "conditional",
+    source: str = "frame",
+    iterations: int = 20,
+    zeta: float = 1.0,
+    lr: float | None = None,
 ) -> dict:
     """Restore one video: the input is the degraded clip (mode 'restore'; 'benchmark' degrades a ground truth
     first). Default input: the embedded sample clip."""
     params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
                   guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
-                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels)
+                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels,
+                  solver=solver, source=source, iterations=iterations, zeta=zeta, lr=lr)
     if work_root:
         params["work_root"] = work_root
     return restore(RestoreConfig(**params))
