@@ -10,7 +10,7 @@ from prefect import task
 from ops import degrade
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 from tasks.models import get_model, model_identity
-from tasks.prepare import SR_SCALES
+from tasks.prepare import SR_FACTORS
 
 BATCH = 8
 
@@ -27,9 +27,9 @@ def compute(latents: np.ndarray, prepared: xr.Dataset, model_name: str) -> xr.Da
         for s in range(0, z.shape[0], BATCH):
             out.append(model.decode(z[s : s + BATCH]).clamp(0, 1))
     images = torch.cat(out)  # (F, 3, H, W) in [0, 1]
-    if prepared.attrs.get("task") in SR_SCALES and "input" in prepared:  # output, downsampled, reproduces the input
+    if prepared.attrs.get("task") in SR_FACTORS and "input" in prepared:  # output, downsampled, reproduces the input
         low = torch.from_numpy(prepared["input"].values).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, h, w)
-        images = degrade.back_project(images, low, SR_SCALES[prepared.attrs["task"]])
+        images = degrade.back_project(images, low, SR_FACTORS[prepared.attrs["task"]])
     if "mask" in prepared:  # inpainting keeps the known pixels exactly: only holes are generated
         known = 1.0 - torch.from_numpy(prepared["mask"].values)[:, None].float()
         cond = torch.from_numpy(prepared["cond"].values).permute(0, 3, 1, 2).float() / 255.0

@@ -27,8 +27,8 @@ from ops import operators
 from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
-SR_SCALES = {"sr8": 8, "sr4": 4}  # the super-resolution tasks and their scales (a property of the task, not a model)
-SR_SCALE = SR_SCALES["sr8"]
+SR_FACTORS = {"sr8": 8, "sr4": 4}  # the super-resolution tasks and their scales (a property of the task, not a model)
+SR_SCALE = SR_FACTORS["sr8"]
 FACTOR = SR_SCALE  # the name tasks.decode imports
 
 
@@ -62,8 +62,8 @@ def measurement(task_name: str, prepared: xr.Dataset, frames: slice, device="cpu
     def load(name):
         return _to_float(np.asarray(prepared[name].isel(frame=frames).values)).to(device)  # (F, 3, H, W)
 
-    if task_name in SR_SCALES:
-        return load("input"), lambda x, rows: operators.downsample(x, SR_SCALES[task_name])
+    if task_name in SR_FACTORS:
+        return load("input"), lambda x, rows: operators.downsample(x, SR_FACTORS[task_name])
     if task_name == "inpaint":
         keep = 1.0 - torch.from_numpy(np.asarray(prepared["mask"].isel(frame=frames).values)).float()[:, None].to(device)
         return load("cond") * keep, lambda x, rows: operators.mask(x, keep[rows])
@@ -84,15 +84,15 @@ def input_multiple(task_name: str, mode: str, multiple: int) -> int:
     """The input frames are reflect-padded to this so the model's frames are multiples of its `multiple`: sr8 restore
     pads the low-res input (the smallest m with SR_SCALE * m a multiple), sr8 benchmark pads the truth so it also
     divides by SR_SCALE, inpainting pads to `multiple`."""
-    if task_name in SR_SCALES:
-        scale = SR_SCALES[task_name]
+    if task_name in SR_FACTORS:
+        scale = SR_FACTORS[task_name]
         return multiple // math.gcd(multiple, scale) if mode == "restore" else math.lcm(multiple, scale)
     return multiple
 
 
 def output_scale(task_name: str, mode: str) -> int:
     """Output frame size / input frame size: the scale of sr8 / sr4 in restore mode, else 1."""
-    return SR_SCALES[task_name] if task_name in SR_SCALES and mode == "restore" else 1
+    return SR_FACTORS[task_name] if task_name in SR_FACTORS and mode == "restore" else 1
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -147,8 +147,8 @@ def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int,
         else:
             data["cond"] = padded
         data["input"] = data["cond"]
-    elif task_name in SR_SCALES:
-        scale = SR_SCALES[task_name]
+    elif task_name in SR_FACTORS:
+        scale = SR_FACTORS[task_name]
         if mode == "benchmark":
             truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
             low = degrade.downsample(_to_float(truth), scale)  # (n, 3, H/s, W/s)
@@ -210,7 +210,7 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
         lazy = dask.delayed(chunk, pure=True)(start, stop)
         for name, a in first.items():
             parts[name].append(da.from_delayed(lazy[name], shape=(stop - start, *a.shape[1:]), dtype=a.dtype))
-    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name in SR_SCALES else DIMS["cond"]}
+    dims = {**DIMS, "input": ("frame", "ly", "lx", "rgb") if task_name in SR_FACTORS else DIMS["cond"]}
     data = {name: (dims[name], da.concatenate(p)) for name, p in parts.items()}
     return xr.Dataset(data, attrs=attrs)
 
