@@ -10,9 +10,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 METHODS = ("warped-diffusion", "gp", "fixed", "resample", "nearest", "bilinear", "integral")
-TASKS = ("sr8", "sr4", "inpaint")
+TASKS = ("sr8", "sr4", "inpaint", "deblur", "denoise")
 DTYPES = ("float32", "float16", "bfloat16")
+CONDITIONAL_TASKS = ("sr8", "sr4", "inpaint")  # tasks with a conditional model (sr4: a --model x4 upscaler); the others need a zero-shot solver
+SOLVERS = ("conditional", "dps", "dflow", "dmplug", "vipaint")  # conditional = the task's own model; others: ops.solvers
+SOURCE_SOLVERS = ("dflow", "dmplug")  # the solvers that optimise the source noise (--source)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRIOR_MODEL = "prior-gp"  # the unconditional prior the zero-shot solvers use by default
 DEFAULT_MAX_OUTPUT_PIXELS = 3840 * 2160  # 4K UHD per frame: larger targets are refused unless asked for
 DEFAULT_WORK_ROOT = os.environ.get("RESTORE_VIDEO_WORK_ROOT", str(PROJECT_ROOT / "work"))
 
@@ -28,7 +32,9 @@ class RestoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="video URL: local path or any fsspec URL (s3://, file://, ...)")
-    task: Literal["sr8", "sr4", "inpaint"] = Field("sr8", description="sr8 / sr4: super-resolution x8 / x4; inpaint: fill the holes of --mask")
+    task: Literal["sr8", "sr4", "inpaint", "deblur", "denoise"] = Field(
+        "sr8", description="sr8 / sr4: super-resolution x8 / x4; inpaint: fill the holes of --mask; deblur / denoise: "
+        "zero-shot only (--solver)")
     mode: Literal["restore", "benchmark"] = Field(
         "restore", description="restore: the input is the degraded video; benchmark: the input is ground truth, degraded first"
     )
@@ -59,6 +65,15 @@ class RestoreConfig(BaseModel):
     max_output_pixels: int = Field(DEFAULT_MAX_OUTPUT_PIXELS, ge=1, description="largest output frame (width x height) "
                                    "preflight accepts; raise it to restore larger targets on purpose")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
+    solver: Literal["conditional", "dps", "dflow", "dmplug", "vipaint"] = Field(
+        "conditional", description="conditional: the task's conditionally trained model; dps | dflow | dmplug | vipaint: "
+        "zero-shot with the unconditional prior (ops.solvers), the only way for deblur / denoise")
+    source: Literal["frame", "video"] = Field(
+        "frame", description="dflow / dmplug: optimise every frame's noise (frame) or the RFF weights of the one GP "
+        "shared by all frames (video: sources consistent by construction; needs method warped-diffusion or gp)")
+    iterations: int = Field(20, ge=1, le=10000, description="dflow / dmplug / vipaint optimisation iterations")
+    zeta: float = Field(1.0, gt=0.0, description="dps / vipaint measurement step size (DPS's zeta)")
+    lr: float | None = Field(None, gt=0.0, description="dflow / dmplug / vipaint learning rate (None: the solver's default)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N: where encode, sample and decode run")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/activations of the networks")
     prompt: str = Field("", description="text prompt (Stable Diffusion layouts); the empty prompt is encoded too")
@@ -106,9 +121,20 @@ class RestoreConfig(BaseModel):
                              "or use --mode benchmark to generate masks")
         if self.task != "inpaint" and self.mask:
             raise ValueError("--mask is only used by task 'inpaint'")
-        if self.task == "sr4" and not self.model:
+        if self.task == "sr4" and self.solver == "conditional" and not self.model:
             raise ValueError("task 'sr4' needs --model: a Stable Diffusion x4 upscaler directory (unet/, vae/, "
                              "scheduler/, text_encoder/, tokenizer/, low_res_scheduler/); no embedded model does x4")
+        if self.solver == "conditional" and self.task not in CONDITIONAL_TASKS:
+            raise ValueError(f"task {self.task!r} has no conditionally trained model; pick a zero-shot solver with the "
+                             f"unconditional prior: --solver {' | '.join(SOLVERS[1:])}")
+        if self.source == "video" and self.solver not in SOURCE_SOLVERS:
+            raise ValueError(f"--source video optimises the source noise, which only solvers {' | '.join(SOURCE_SOLVERS)} "
+                             f"do; use --source frame with --solver {self.solver}")
+        if self.source == "video" and self.noise_method != "gp":
+            raise ValueError(f"--source video optimises the weights of the GP noise; method {self.method!r} has none: use "
+                             "--method warped-diffusion or gp, or --source frame")
+        if self.solver == "conditional" and (self.source != "frame" or self.lr is not None):
+            raise ValueError("--source / --lr configure a zero-shot solver; add --solver dflow (or dmplug, dps, vipaint)")
         return self
 
     @property
@@ -120,7 +146,31 @@ class RestoreConfig(BaseModel):
 
     @property
     def model_name(self) -> str:
-        return self.model or {"sr8": "sr8-gp", "inpaint": "inpaint-gp"}[self.task]
+        if self.model:
+            return self.model
+        from storage.models import DEFAULT_MODELS
+
+        return PRIOR_MODEL if self.zero_shot else DEFAULT_MODELS[self.task]
+
+    @property
+    def zero_shot(self) -> bool:
+        """True when an ops.solvers solver restores with the unconditional prior (no encode stage)."""
+        return self.solver != "conditional"
+
+    def solver_params(self) -> dict:
+        """The zero-shot solver's own parameters (part of the sample key); {} for the conditional path."""
+        if not self.zero_shot:
+            return {}
+        params = {"solver": self.solver}
+        if self.solver in SOURCE_SOLVERS:
+            params.update(source=self.source, iterations=self.iterations)
+        if self.solver == "vipaint":
+            params["iterations"] = self.iterations
+        if self.solver in ("dps", "vipaint"):
+            params["zeta"] = self.zeta
+        if self.lr is not None and self.solver != "dps":
+            params["lr"] = self.lr
+        return params
 
     @property
     def text(self) -> dict | None:

@@ -43,7 +43,8 @@ from prefect import flow
 
 from flows.config import DEFAULT_WORK_ROOT, METHODS
 
-EXPERIMENTS = ("shift-inpaint", "video-sr", "guidance-sweep")
+PAPER_EXPERIMENTS = ("shift-inpaint", "video-sr", "guidance-sweep")
+EXPERIMENTS = PAPER_EXPERIMENTS + ("zero-shot",)
 ALL = "all"  # guidance-sweep (tunes on the tuning clip), then video-sr (reports on the report clips), then shift-inpaint
 SHIFT_PX = (8, 0)  # (dx, dy) pixels per frame of the shift-inpaint clip: one latent pixel
 SHIFT_SIZE = 128
@@ -257,6 +258,32 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text)
 
 
+# zero-shot (issue 14): tasks x solvers x noise; the solvers backpropagate through the sampler, so fewer steps.
+ZERO_SHOT_TASKS = ("sr4", "inpaint", "deblur")
+ZERO_SHOT_NOISE = {"gp": "warped-diffusion", "independent": "resample"}  # GP noise warped + guidance / fresh per frame
+ZERO_SHOT_STEPS = 10
+
+
+def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
+    """The zero-shot grid as (row, RestoreConfig fields): every task of ZERO_SHOT_TASKS with the conditional model
+    where one exists (inpaint), dps, dflow on per-frame sources, dflow on the video-level GP source (gp noise only:
+    it optimises that GP's weights) and vipaint (inpaint), each under both noises of ZERO_SHOT_NOISE."""
+    cells = []
+    for task in ZERO_SHOT_TASKS:
+        solvers = (["conditional"] if task == "inpaint" else []) + ["dps", "dflow-frame", "dflow-video"]
+        solvers += ["vipaint"] if task == "inpaint" else []
+        for noise, method in ZERO_SHOT_NOISE.items():
+            for solver in solvers:
+                if solver == "dflow-video" and noise != "gp":
+                    continue
+                name, _, source = solver.partition("-")
+                cfg = dict(task=task, method=method, solver=name, guidance=guidance, flow_backend="dis")
+                if source:
+                    cfg["source"] = source
+                cells.append((f"{task}/{solver}/{noise}", cfg))
+    return cells
+
+
 def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEFAULT_SEEDS,
                     work_root: str = DEFAULT_WORK_ROOT, guidance: float | None = None, space: str | None = None,
                     frames: int | None = None, task: str = "sr8") -> list[RunSpec]:
@@ -289,6 +316,9 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
                 cells.append((method_row(method, model), dict(
                     task="inpaint", mode="restore", method=method, model=model, guidance=lam, guidance_space=space,
                     flow_backend=f"shift:{SHIFT_PX[0]},{SHIFT_PX[1]}")))
+    elif name == "zero-shot":
+        base["steps"] = steps or ZERO_SHOT_STEPS
+        cells.extend(zero_shot_cells(lam))
     elif name == "video-sr":
         for method in METHODS:
             model = model_for(task, method)
@@ -705,7 +735,7 @@ def experiment_cli(args) -> int:
     [--seeds N] [--task sr8|sr4] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
-    names = EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
+    names = PAPER_EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
     if args.name != ALL and args.name not in EXPERIMENTS:
         print(f"error: unknown experiment {args.name!r}; expected one of {', '.join(EXPERIMENTS)} or {ALL}", file=sys.stderr)
         return 2

@@ -110,20 +110,22 @@ def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
     place for restore() and bench.memory. Also `_model` (model_info + multiple, base noise) and `_space` (guidance)."""
     opts = cfg.storage_options
     model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
-    if model["task"] != cfg.task:
+    if not cfg.zero_shot and model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
     model = {**model, "multiple": pad_multiple(cfg.model_name),  # frame sizes the model takes
              "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
-    space = resolve_guidance_space(cfg.guidance_space, model)
+    space = "latent" if cfg.zero_shot else resolve_guidance_space(cfg.guidance_space, model)
     mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
     k = {"extract_frames": extract_stage.extract_key(cfg.input, cfg.frame_range, opts)}
     k["prepare"] = prepare_stage.prepare_key(k["extract_frames"], cfg.task, cfg.mode, cfg.seed, mask_ident, model["multiple"])
     k["estimate_flow"] = flow_stage.flow_key(k["prepare"], cfg.flow_backend, model["factor"])
-    k["encode"] = encode_stage.encode_key(k["prepare"], cfg.model_name, cfg.dtype)
+    # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
+    k["encode"] = None if cfg.zero_shot else encode_stage.encode_key(k["prepare"], cfg.model_name, cfg.dtype)
     k["generate_noise"] = noise_stage.noise_key(k["estimate_flow"], cfg.noise_method, cfg.seed, model["latent_channels"],
                                                 model["base"])
     k["sample"] = sample_stage.sample_key(k["generate_noise"], k["encode"], k["estimate_flow"], cfg.model_name, cfg.steps,
-                                          cfg.guidance_strength, cfg.max_batch, space, cfg.text, cfg.dtype, tile=tile)
+                                          cfg.guidance_strength, cfg.max_batch, space, cfg.text, cfg.dtype, tile=tile,
+                                          solver=cfg.solver_params(), prepare=k["prepare"])
     k["decode"] = decode_stage.decode_key(k["sample"], k["prepare"], cfg.model_name, cfg.dtype)
     k["metrics"] = outputs.metrics_key(k["decode"], k["prepare"], k["estimate_flow"], k["sample"])
     return {**k, "_model": model, "_space": space}
@@ -136,6 +138,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
     logger = _logger()
     opts = cfg.storage_options
     t_total = time.perf_counter()
+    if cfg.zero_shot and (task := model_info(cfg.model_name)["task"]) != "prior":  # before any work
+        raise ValueError(f"--solver {cfg.solver} needs an unconditional prior; model {cfg.model_name!r} was trained for "
+                         f"task {task!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
     plan = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
     print(plan.summary(), file=sys.stderr, flush=True)
     logger.info(plan.summary())
@@ -163,7 +168,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k["estimate_flow"], k["prepare"], cfg.flow_backend,
                                                             model["factor"])
         # 4-5. conditioning latents and initial noise
-        records["encode"] = encode_stage.encode(cfg.work_root, opts, k["encode"], k["prepare"], cfg.model_name, cfg.device, cfg.dtype)
+        if not cfg.zero_shot:
+            records["encode"] = encode_stage.encode(cfg.work_root, opts, k["encode"], k["prepare"], cfg.model_name, cfg.device,
+                                                    cfg.dtype)
         records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k["generate_noise"], k["estimate_flow"],
                                                                cfg.noise_method, cfg.seed, model["latent_channels"], model["base"])
         # 6. sampling (the expensive stage)
@@ -171,6 +178,8 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k["generate_noise"], encode=k["encode"],
                        flow=k["estimate_flow"], steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch,
                        guidance_space=space, text=cfg.text)
+        if cfg.zero_shot:
+            request.update(solver=cfg.solver_params(), zero_shot=dict(prepare=k["prepare"], task=cfg.task, seed=cfg.seed))
         # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
         if plan.window < plan.frames:
             request["window"] = plan.window
@@ -219,6 +228,9 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
 
         write_json_atomic(urls["metrics.json"], report, storage_options=opts)
         outputs.log_to_mlflow(report, computed["per_frame"], urls, opts, log_videos=cfg.log_videos)
+        sampled = store.open("sample", k_sample)  # a zero-shot solver's loss curves -> metric series solver_<name>
+        for name in [v for v in sampled.data_vars if str(v).startswith("history_")]:
+            tracking.log_series("solver_" + str(name)[len("history_"):], sampled[name].values.tolist(), run.info.run_id)
         logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")
         return report
 
@@ -258,6 +270,11 @@ def restore_video(
     prompt: str = "",
     negative_prompt: str = "",
     cfg: float = 1.0,
+    solver: str = "conditional",
+    source: str = "frame",
+    iterations: int = 20,
+    zeta: float = 1.0,
+    lr: float | None = None,
 ) -> dict:
     """Restore one video: the input is the degraded clip (mode 'restore'; 'benchmark' degrades a ground truth
     first). Default input: the embedded sample clip."""
@@ -265,6 +282,7 @@ def restore_video(
                   guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
                   executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels,
                   device=device, dtype=dtype, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg)
+                  solver=solver, source=source, iterations=iterations, zeta=zeta, lr=lr)
     if work_root:
         params["work_root"] = work_root
     return restore(RestoreConfig(**params))

@@ -33,7 +33,7 @@ except ImportError:  # bare training machines: the flow is then a plain function
 
 from ops.autoencoders import fit_pca_autoencoder, image_patches
 from ops.denoisers import EDMDenoiser, RestorationModel, build_unet
-from ops.training import degrade_batch, edm_loss, evaluate, make_noise, random_crops
+from ops.training import degrade_batch, edm_loss, evaluate, make_noise, psnr, random_crops
 from storage import models as store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +41,9 @@ VAE_NAME = "vae-pca"
 LATENT_CHANNELS = 32
 UNET = {"block_out_channels": [64, 96, 128], "layers_per_block": 1, "attention": True}
 SIGMA_DATA, TIME_SCALE = 1.0, 250.0
+# The unconditional prior leaves out astronaut too: the demo clip and the test clips (tests/_clips.py) pan over it.
+PRIOR_EXCLUDED = ("astronaut",)
+PRIOR_EVAL_SIGMAS = (0.1, 0.5, 1.0, 2.0)  # latent sigmas of the held-out denoising PSNR (sigma_data = 1)
 
 
 def _git_commit() -> str | None:
@@ -110,19 +113,42 @@ def _vae(out: Path, seed: int) -> RestorationModel:
 # ---------------------------------------------------------------- denoisers
 def _new_card(task: str, noise: str, vae: RestorationModel, args: dict) -> dict:
     c = vae.latent_channels
-    cond = c if task == "sr8" else c + 1
+    cond = {"sr8": c, "inpaint": c + 1, "prior": 0}[task]
     return {"name": f"{task}-{noise}", "task": task, "noise": noise, "autoencoder": vae.autoencoder.config(),
             "denoiser": {"type": "edm-unet2d", "sigma_data": SIGMA_DATA, "time_scale": TIME_SCALE,
                          "cond_channels": cond,
                          "unet": {"in_channels": c + cond, "out_channels": c, **UNET}},
             "sigma_min": 0.002, "sigma_max": 80.0, "known_replace": task == "inpaint",
             "known_pixels": False,  # opt-in: see RestorationModel (better known_psnr, worse shift-inpaint consistency)
-            "conditioning": ("encode(bicubic x8 upsampling of the antialiased bicubic x8 downsampling)" if task == "sr8"
-                             else "concat[avg-pooled mask (1 = hole), encode(image with holes = 0.5)]"),
+            "conditioning": {"sr8": "encode(bicubic x8 upsampling of the antialiased bicubic x8 downsampling)",
+                             "inpaint": "concat[avg-pooled mask (1 = hole), encode(image with holes = 0.5)]",
+                             "prior": "none (unconditional prior for the zero-shot solvers, ops.solvers)"}[task],
             "training": {k: args[k] for k in ("steps", "batch", "crop", "lr", "ema", "p_mean", "p_std", "seed")},
-            "data": {"source": "skimage.data", "train": list(store.TRAIN_IMAGES), "heldout": list(store.HELDOUT_IMAGES),
+            "data": {"source": "skimage.data", "train": list(train_images(task)), "heldout": list(store.HELDOUT_IMAGES),
                      "augment": "random crops, rescale s~U(0.5,1) antialiased bicubic, horizontal flips"},
             "seed": args["seed"]}
+
+
+def train_images(task: str) -> tuple[str, ...]:
+    """The training pictures of a task: every TRAIN_IMAGES one; the prior leaves out PRIOR_EXCLUDED."""
+    return tuple(n for n in store.TRAIN_IMAGES if task != "prior" or n not in PRIOR_EXCLUDED)
+
+
+@torch.no_grad()
+def evaluate_prior(model, views: torch.Tensor, seed: int = 0, sigmas=PRIOR_EVAL_SIGMAS) -> tuple[dict, torch.Tensor]:
+    """Held-out one-step denoising of an unconditional prior: x = encode(view) + sigma n (the model's noise kind),
+    PSNR of decode(D(x, sigma)) and of decode(x) against the view, per latent sigma; + the autoencoder's ceiling."""
+    x0 = model.encode(views)  # (N, C, h, w)
+    res = {"views": int(views.shape[0]), "vae_psnr": float(psnr(model.decode(x0), views).mean())}
+    outs = []
+    for s in sigmas:
+        n = make_noise(model.noise, torch.Generator().manual_seed(seed), x0.shape).to(x0)
+        sigma = torch.full((x0.shape[0],), float(s), device=x0.device)
+        out = model.decode(model.denoise(x0 + s * n, sigma))
+        res[f"denoise_psnr_s{s:g}"] = float(psnr(out, views).mean())
+        res[f"noisy_psnr_s{s:g}"] = float(psnr(model.decode(x0 + s * n), views).mean())
+        outs.append(out)
+    return res, torch.stack(outs)  # (S, N, 3, H, W)
 
 
 def _save_ckpt(ckpt: Path, model, ema, opt, step, g_cpu, g_dev, losses, wall) -> None:
@@ -199,7 +225,7 @@ def train_one(task: str, noise: str, out: Path, steps: int = 2000, batch: int = 
     step, losses, wall0 = 0, [], 0.0
     if resume and (ckpt / "state.json").exists():
         step, losses, wall0 = _load_ckpt(ckpt, model, ema, opt, g_cpu, g_dev, device)
-    images = _images(store.TRAIN_IMAGES, device)
+    images = _images(train_images(task), device)
     ml = _mlflow(out)
     run = ml.start_run(run_name=f"train-{name}") if ml else None
     if ml:
@@ -210,7 +236,7 @@ def train_one(task: str, noise: str, out: Path, steps: int = 2000, batch: int = 
     while step < steps and not (time_limit and wall0 + time.time() - t0 > time_limit):
         # 1. data: crops -> degraded input -> latents and condition.
         x = random_crops(g_cpu, images, batch, crop)  # (B, 3, crop, crop)
-        degraded, mask = degrade_batch(task, x, g_cpu)
+        degraded, mask = (x, None) if task == "prior" else degrade_batch(task, x, g_cpu)
         with torch.no_grad():
             x0 = model.encode(x)  # (B, C, crop/8, crop/8)
             cond = model.condition(degraded, mask)  # (B, Cc, crop/8, crop/8)
@@ -259,12 +285,23 @@ def eval_model(directory: Path, device: str = "cpu", steps: int = 32, mlflow_mod
     directory = Path(directory)
     model = store.load_own(directory, device)
     views = store.eval_views().to(device)
-    mismatch = None if model.task == "vae" else {"gp": "white", "white": "gp"}[model.noise]
-    res, out = evaluate(model, views, seed=0, steps=steps, mismatch=mismatch)
+    if model.task == "prior":
+        res, out = evaluate_prior(model, views)
+    else:
+        mismatch = None if model.task == "vae" else {"gp": "white", "white": "gp"}[model.noise]
+        res, out = evaluate(model, views, seed=0, steps=steps, mismatch=mismatch)
     card = json.loads((directory / store.CARD).read_text())
     card["eval"] = {**res, "heldout": list(store.HELDOUT_IMAGES), "size": 256}
+    if model.task == "prior":
+        card["data"]["train"] = list(train_images("prior"))
     (directory / store.CARD).write_text(json.dumps(card, indent=2))
-    if model.task != "vae":
+    if model.task == "prior":
+        grid_dir = Path(samples_dir or ROOT / ".cache" / "train-denoiser" / directory.name)
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        grid = _grid(torch.cat([views.cpu()[None], out.cpu()]), grid_dir / "denoised.png")
+        if mlflow_module:
+            mlflow_module.log_artifact(str(grid))
+    elif model.task != "vae":
         g = torch.Generator().manual_seed(0)
         degraded, mask = degrade_batch(model.task, views.cpu(), g)
         grid_dir = Path(samples_dir or ROOT / ".cache" / "train-denoiser" / directory.name)
@@ -338,7 +375,8 @@ def cli(argv: list[str]) -> int:
 
         return main(argv[1:])
     p = argparse.ArgumentParser(prog="restore-video train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", default="all", choices=["sr8", "inpaint", "vae", "all"])
+    p.add_argument("--task", default="all", choices=["sr8", "inpaint", "vae", "prior", "all"],
+                   help="all = vae, sr8, inpaint; prior = the unconditional prior of the zero-shot solvers")
     p.add_argument("--noise", default="both", choices=["gp", "white", "both"])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16)

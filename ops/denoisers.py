@@ -283,8 +283,8 @@ class RestorationModel(nn.Module):
                  mask_pool: str = "avg", known_replace: bool = False, known_pixels: bool = False,
                  prompt_encoder=None, low_res: nn.Module | None = None, schedule=None):
         super().__init__()
-        if task not in ("sr8", "sr4", "inpaint", "vae"):
-            raise ValueError(f"task must be 'sr8', 'sr4', 'inpaint' or 'vae', got {task!r}")
+        if task not in ("sr8", "sr4", "inpaint", "vae", "prior"):
+            raise ValueError(f"task must be 'sr8', 'sr4', 'inpaint', 'prior' (unconditional) or 'vae', got {task!r}")
         if task == "sr4" and low_res is None:
             raise ValueError("task 'sr4' (the x4 upscaler layout) needs its low-res augmentation (low_res=LowResAugment)")
         if noise not in ("gp", "white", None):
@@ -382,6 +382,8 @@ class RestorationModel(nn.Module):
                 pixels = F.pixel_unshuffle(torch.cat([mask, degraded * (1 - mask)], dim=1), self.factor)
                 cond = torch.cat([cond, pixels.to(cond.dtype)], dim=1)
             return cond
+        if self.task == "prior":  # unconditional: the zero-shot solvers (ops.solvers) bring the measurement
+            return None
         raise ValueError("a 'vae' model has no denoiser and takes no condition")
 
     def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -100,7 +100,7 @@ def _step(denoiser, x, sigma, sigma_next, frames, cond, target, forward, valid, 
             stash.append(correction(x_in, denoised, s, frames))
         return denoised
 
-    x_next, prediction = sampling.guided_update(wrapped, x, sigma, sigma_next, cond, target, forward, valid, has_target,
+    x_next, prediction, _ = sampling.guided_update(wrapped, x, sigma, sigma_next, cond, target, forward, valid, has_target,
                                                 guidance, decode)
     return (x_next - stash[0] if stash else x_next), prediction
 

@@ -16,6 +16,7 @@ from ops import degrade
 from storage.artifacts import frame_slices
 from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
 from tasks.models import get_model, model_identity
+from tasks.prepare import SR_FACTORS
 
 MODEL_BATCH = 8  # frames per model call
 
@@ -38,7 +39,7 @@ def produce(writer, latents, prepared, model_name: str, device: str = "cpu", dty
     frames = int(latents.shape[0])
     height, width = (int(n) for n in prepared["cond"].shape[1:3])  # the prepared (unpadded) grid
     out_h, out_w = int(prepared.attrs["height"]), int(prepared.attrs["width"])
-    sr = prepared.attrs.get("task") == "sr8" and "input" in prepared
+    sr = prepared.attrs.get("task") in SR_FACTORS and "input" in prepared
     writer.create("frames", ("frame", "y", "x", "rgb"), (frames, out_h, out_w, 3), np.uint8)
     batch = min(MODEL_BATCH, batch_frames(height * width * 3 * 4))
     for s in frame_slices(frames, batch):

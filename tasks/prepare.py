@@ -2,11 +2,16 @@
 the ground truth. Frame sizes are padded (reflect, bottom/right) to the model's own multiple (latent factor x the
 denoiser's downsampling, `tasks.models.pad_multiple`) and cropped back at decode.
 
-sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)
+sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w)   (sr4: the same with 4)
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
 sr4: the same with 4 (the x4 upscaler layout; its encode stage conditions on `input`, the low-res frame)
 inpaint, restore:   input + mask URL (white = hole) -> cond = input with holes, mask
 inpaint, benchmark: input = ground truth           -> masks generated from the seed, cond = masked truth, truth
+deblur / denoise, restore:   input = the degraded video -> cond = input (no mask)
+deblur / denoise, benchmark: input = ground truth -> cond = ops.operators.deblur / denoise of it (DEGRADATIONS, noise
+                             drawn per frame from (seed, frame index), so chunking does not change it), truth
+
+`measurement(task, prepared, frames)` gives the zero-shot solvers their y and pixel-space operator A for the same task.
 """
 
 from __future__ import annotations
@@ -19,10 +24,54 @@ import xarray as xr
 from prefect import task
 
 from ops import degrade
+from ops import operators
 from storage.video import VideoError, pad_to_multiple, read_video
 from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
 
 SR_FACTORS = {"sr8": 8, "sr4": 4}  # super-resolution tasks: output size / input size (a property of the task)
+
+
+# The mask-free degradations (benchmark mode) and their forward models: blur kernel and noise std in [0, 1] pixels.
+DEGRADATIONS = {"deblur": {"kernel_size": 9, "kernel_std": 2.0, "noise": 0.01}, "denoise": {"noise": 0.1}}
+
+
+def deblur_kernel(task_name: str = "deblur") -> torch.Tensor:
+    """The deblur task's Gaussian kernel (k, k) float32."""
+    p = DEGRADATIONS[task_name]
+    return operators.gaussian_kernel(p["kernel_size"], p["kernel_std"]).float()
+
+
+def degrade_frames(images: torch.Tensor, task_name: str, seed: int, start: int) -> torch.Tensor:
+    """Benchmark degradation of frames start.. (n, 3, H, W) in [0, 1]; frame j's noise comes from seed (seed, j)."""
+    level = DEGRADATIONS[task_name]["noise"]
+    out = []
+    for i, frame in enumerate(images):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start + i]).generate_state(1)[0]))
+        if task_name == "deblur":
+            out.append(operators.deblur(frame[None], deblur_kernel(task_name), level, g))
+        else:
+            out.append(operators.denoise(frame[None], level, g))
+    return torch.cat(out)  # (n, 3, H, W)
+
+
+def measurement(task_name: str, prepared: xr.Dataset, frames: slice, device="cpu"):
+    """The zero-shot solvers' measurement of frames `frames` -> (y, A) with A(images (B, 3, H, W), rows (B,)) in
+    pixels; rows index y. sr8 / sr4: y = the low-res input, A = antialiased /8 or /4; inpaint: y = known pixels, A = mask;
+    deblur: y = the blurred input, A = blur with the task's kernel; denoise: y = the input, A = identity."""
+    def load(name):
+        return _to_float(np.asarray(prepared[name].isel(frame=frames).values)).to(device)  # (F, 3, H, W)
+
+    if task_name in SR_FACTORS:
+        return load("input"), lambda x, rows: operators.downsample(x, SR_FACTORS[task_name])
+    if task_name == "inpaint":
+        keep = 1.0 - torch.from_numpy(np.asarray(prepared["mask"].isel(frame=frames).values)).float()[:, None].to(device)
+        return load("cond") * keep, lambda x, rows: operators.mask(x, keep[rows])
+    if task_name == "deblur":
+        kernel = deblur_kernel(task_name).to(device)
+        return load("cond"), lambda x, rows: operators.blur(x, kernel.to(x.dtype))
+    if task_name == "denoise":
+        return load("cond"), lambda x, rows: x
+    raise ValueError(f"task {task_name!r} has no measurement operator; expected sr8, inpaint, deblur or denoise")
 
 
 def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None, multiple: int) -> str:
@@ -83,11 +132,21 @@ def load_mask(url: str, frames: int, height: int, width: int, storage_options=No
 DIMS = {"truth": ("frame", "y", "x", "rgb"), "cond": ("frame", "y", "x", "rgb"), "mask": ("frame", "y", "x")}
 
 
-def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int, mask: np.ndarray | None = None) -> dict:
+def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int, mask: np.ndarray | None = None,
+                   seed: int = 0, start: int = 0) -> dict:
     """One chunk of frames (n, H, W, 3) uint8 -> its conditioning arrays {name: (n, ...)}: cond, input, truth
-    (benchmark), mask (inpaint; `mask` (n or 1, H', W') on the padded grid, 1 = hole)."""
+    (benchmark), mask (inpaint; `mask` (n or 1, H', W') on the padded grid, 1 = hole). seed, start: the benchmark
+    noise of deblur / denoise (frame start + i draws from (seed, start + i))."""
     data = {}
-    if task_name in SR_FACTORS:
+    if task_name in DEGRADATIONS:
+        padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
+        if mode == "benchmark":
+            data["truth"] = padded
+            data["cond"] = _to_uint8(degrade_frames(_to_float(padded), task_name, seed, start))
+        else:
+            data["cond"] = padded
+        data["input"] = data["cond"]
+    elif task_name in SR_FACTORS:
         scale = SR_FACTORS[task_name]
         if mode == "benchmark":
             truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
@@ -130,7 +189,7 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
     scale = output_scale(task_name, mode)
     attrs = {"task": task_name, "mode": mode, "height": h * scale, "width": w * scale}
     holes = None
-    if task_name not in SR_FACTORS:
+    if task_name == "inpaint":
         m = input_multiple(task_name, mode, multiple)
         ph, pw = -(-h // m) * m, -(-w // m) * m
         if mode == "benchmark":  # one mask for every frame, from the seed
@@ -141,7 +200,7 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
 
     def chunk(start: int, stop: int) -> dict:
         mask = None if holes is None else (holes if len(holes) == 1 else holes[start:stop])
-        return prepare_frames(np.asarray(source[start:stop]), task_name, mode, multiple, mask)
+        return prepare_frames(np.asarray(source[start:stop]), task_name, mode, multiple, mask, seed, start)
 
     first = chunk(0, min(step, f))  # shapes and dtypes (and the first chunk itself)
     parts = {name: [da.from_array(a, chunks=a.shape)] for name, a in first.items()}

@@ -31,10 +31,13 @@ from tasks.models import get_model, model_identity
 WINDOW_STAGE = "sample_window"  # committed windows of unfinished sample artifacts
 
 
-def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guidance: float, max_batch,
+def sample_key(noise: str, encode: str | None, flow: str, model: str, steps: int, guidance: float, max_batch,
                guidance_space: str = "latent", text: dict | None = None, dtype: str = "float32",
-               tile: int | None = None) -> str:
-    """Content key of the clean latents; `tile` (latent cells, None = untiled) changes the numbers, a window doesn't."""
+               tile: int | None = None, solver: dict | None = None, prepare: str | None = None) -> str:
+    """Content key of the clean latents; `tile` (latent cells, None = untiled) changes the numbers, a window doesn't.
+
+    solver: a zero-shot solver's parameters (flows.config.RestoreConfig.solver_params); its measurement comes from
+    the `prepare` artifact instead of the encode stage's conditioning."""
     params = {"model": model_identity(model), "steps": steps, "guidance": guidance, "schedule": "wavefront"}
     if text:  # prompt, negative prompt, cfg scale (text-conditioned checkpoints)
         params["text"] = text
@@ -44,6 +47,11 @@ def sample_key(noise: str, encode: str, flow: str, model: str, steps: int, guida
         params["guidance_space"] = guidance_space
     if tile is not None:
         params["tile"] = tile
+    if solver:
+        if prepare is None:
+            raise ValueError("a zero-shot solver's sample key needs the prepare key (its measurement)")
+        params["solver"] = dict(solver)
+        return stage_key("sample", params, {"generate_noise": noise, "prepare": prepare, "estimate_flow": flow})
     return stage_key("sample", params, {"generate_noise": noise, "encode": encode, "estimate_flow": flow})
 
 
@@ -85,13 +93,19 @@ class SamplerWorker:
 
     def sample(self, work_root: str, storage_options: dict, key: str, noise: str, encode: str, flow: str, steps: int,
                guidance: float, max_batch=None, guidance_space: str = "latent", window: int | None = None,
-               tile: int | None = None, text: dict | None = None) -> dict:
-        """guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
+               tile: int | None = None, text: dict | None = None, solver: dict | None = None,
+               zero_shot: dict | None = None) -> dict:
+        """solver (RestoreConfig.solver_params) and zero_shot (prepare key, task, seed): run `solve` instead; then
+        window, tile, guidance_space and max_batch are not used.
+
+        guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
         latent predictions warped by the latent flow, as the paper). window: frames sampled at a time (None: all);
         tile: latent tile side for MultiDiffusion tiles (None: whole frames); `key` must be `sample_key(...)` with
         the same tile. Returns the StageRecord fields; extra = {"windows": n, "windows_computed": [indices]}."""
         if guidance_space not in ("pixel", "latent"):
             raise ValueError(f"guidance_space must be 'pixel' or 'latent' here (resolve 'auto' first), got {guidance_space!r}")
+        if solver:
+            return self.solve(work_root, storage_options, key, noise, flow, steps, guidance, solver, **(zero_shot or {}))
         store = store_for(work_root, storage_options)
         pixel = guidance_space == "pixel" and guidance > 0
         schedule = "wavefront" if guidance > 0 else "parallel"
@@ -162,6 +176,70 @@ class SamplerWorker:
         for span in spans:  # the published artifact holds every frame; the windows are no longer needed
             store.remove(WINDOW_STAGE, window_key(key, span))
         record.extra = {"windows": len(spans), "windows_computed": computed}
+        return record.__dict__
+
+
+    def solve(self, work_root: str, storage_options: dict, key: str, noise: str, flow: str, steps: int, guidance: float,
+              solver: dict, prepare: str, task: str, seed: int) -> dict:
+        """Zero-shot restoration of the whole video with the unconditional prior: ops.solvers.solve(solver["solver"])
+        on y and A of tasks.prepare.measurement, A applied to the decoded latents (A(decode(x))). source "video"
+        (dflow / dmplug) optimises the RFF weights of the noise stage's own GP draw (the same seed, so source(w0) is
+        the stored gp noise) at the flow's chained latent positions. guidance > 0: self-guidance in latent space.
+        Per-iteration / per-step losses go into the artifact as `history_<name>` arrays."""
+        import numpy as np
+
+        from ops import gp, solvers
+        from tasks.prepare import measurement
+
+        store = store_for(work_root, storage_options)
+        params = dict(solver)
+        name = params.pop("solver")
+        source_kind = params.pop("source", "frame")
+        params.pop("seed", None)
+
+        def compute() -> xr.Dataset:
+            x = torch.from_numpy(store.open("generate_noise", noise)["noise"].values).float().to(self.device)  # (F, C, h, w)
+            flows = store.open("estimate_flow", flow)
+            y, pixel_operator = measurement(task, store.open("prepare", prepare), slice(None), self.device)  # (F, ...)
+            decode = getattr(self.model, "_decode_linear", self.model.decode)  # unclamped where linear: gradients flow
+
+            def operator(latents, rows):
+                return pixel_operator(decode(latents), rows)
+
+            def denoiser(x_in, sigma, cond=None):
+                return self.model.denoise(x_in, sigma)
+
+            sigmas = sampling.karras_sigmas(steps, float(self.model.sigma_min), float(self.model.sigma_max)).to(x)
+            extra = {}
+            if guidance > 0:
+                extra = dict(guidance=guidance, forward=torch.from_numpy(flows["latent_forward"].values).to(x),
+                             valid=torch.from_numpy(flows["latent_valid"].values).to(self.device))
+            start = x
+            if name in ("dflow", "dmplug") and source_kind == "video":
+                positions = torch.from_numpy(flows["latent_positions"].values)  # (F, h, w, 2)
+                features = gp.draw_rff(np.random.default_rng(seed), x.shape[1], max(x.shape[-2:]))  # the noise stage's draw
+                source, start = solvers.video_source(features, positions)
+                extra["source"] = source
+                start = start.to(x)  # (C, J)
+            if name == "vipaint":
+                extra["generator"] = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            with torch.enable_grad():
+                latents, history = solvers.solve(name, denoiser, start, sigmas, y, operator, **params, **extra)
+            seconds = time.perf_counter() - t0
+            data = {"latents": (("frame", "c", "ly", "lx"), latents.detach().float().cpu().numpy())}
+            attrs = {"steps": steps, "guidance": guidance, "guidance_space": "latent" if guidance > 0 else "none",
+                     "sampling_seconds": seconds, "device": self.device, "window": 0, "tile": 0, "solver": name,
+                     "source": source_kind}
+            for k, v in history.items():
+                if isinstance(v, list) and v and all(isinstance(e, (int, float)) for e in v):
+                    data[f"history_{k}"] = ((f"history_{k}_index",), np.asarray(v, dtype=np.float64))
+                elif isinstance(v, (int, float)):
+                    attrs[f"history_{k}"] = v
+            return xr.Dataset(data, attrs=attrs)
+
+        record = run_stage(store, "sample", key, compute)
+        record.extra = {"windows": 1, "windows_computed": [0]}
         return record.__dict__
 
 
