@@ -281,7 +281,7 @@ def restore_video(
     params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
                   guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
                   executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels,
-                  device=device, dtype=dtype, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg)
+                  device=device, dtype=dtype, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg,
                   solver=solver, source=source, iterations=iterations, zeta=zeta, lr=lr)
     if work_root:
         params["work_root"] = work_root
