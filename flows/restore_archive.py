@@ -132,6 +132,8 @@ def archive(
                 _write_manifest(manifest_url, manifest, opts)
             return result
 
+        if todo and concurrency > 1:
+            _api_ready()  # one temporary Prefect server, started here, not raced for by the worker threads
         try:
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as workers:
                 rows.extend(workers.map(restore_one, todo))
@@ -147,6 +149,16 @@ def archive(
                "mlflow_run_id": parent.info.run_id, "rows": rows}
     _table_artifact(rows)
     return summary
+
+
+def _api_ready() -> None:
+    """Reach the Prefect API once from this thread: with no PREFECT_API_URL this starts Prefect's temporary server,
+    which the worker threads' task runs then share (several threads starting it at once lost one of its processes:
+    "Server process did not start" and a stray uvicorn)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
 
 
 def _write_manifest(url: str, manifest: list[dict], opts: dict) -> None:

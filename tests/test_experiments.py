@@ -181,7 +181,8 @@ def _stand_in_restore(calls):
     from storage.video import read_video
     from tasks import flow as flow_stage
     from tasks import prepare as prepare_stage
-    from tasks._stage import run_stage, store_for
+    from tasks._stage import run_stage, run_stage_chunked, store_for
+    from tasks.models import latent_factor, pad_multiple
 
     def restore(cfg, parent_run_id):
         calls.append(cfg)
@@ -196,7 +197,9 @@ def _stand_in_restore(calls):
         run_stage(store, "prepare", keys["prepare"],
                   lambda: prepare_stage.compute(extracted, cfg.task, cfg.mode, cfg.seed, cfg.mask, {}, **extra))
         prepared = store.open("prepare", keys["prepare"]).load()
-        run_stage(store, "estimate_flow", keys["estimate_flow"], lambda: flow_stage.compute(prepared, cfg.flow_backend))
+        geometry = flow_stage.geometry_for(cfg.task, latent_factor(cfg.model_name), pad_multiple(cfg.model_name))
+        run_stage_chunked(store, "estimate_flow", keys["estimate_flow"],
+                          lambda w: flow_stage.produce(w, prepared["cond"].data, cfg.flow_backend, geometry))
         g = torch.Generator().manual_seed(cfg.seed * 100 + len(cfg.method) + int(10 * cfg.guidance))
         cond = torch.from_numpy(prepared["cond"].values).permute(0, 3, 1, 2).float() / 255
         out = (cond + 0.02 * torch.randn(cond.shape, generator=g)).clamp(0, 1)  # (F, 3, H, W)

@@ -50,9 +50,12 @@ def test_rerun_recomputes_nothing_and_reports_it(clip, tmp_path):
     assert 5 < first["psnr"] < 60 and 0 < first["ssim"] <= 1
     second = _restore(clip, tmp_path / "b", tmp_path / "work", "--executor", "inline", "--steps", "4")
     assert all(second["cached"].values())
+    assert second["keys"] == first["keys"]  # the very same decoded frames feed both outputs
     a, _ = read_video(str(tmp_path / "a" / "restored.mp4"))
     b, _ = read_video(str(tmp_path / "b" / "restored.mp4"))
-    assert np.array_equal(a, b)
+    # The lossy H.264 re-encode is not bit-identical between the first and a later encode in one process (seen
+    # with identical input frames and timestamps; not x264 threading): compare within the codec's error instead.
+    assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 2.0
     for name in ("restored.mp4", "comparison.mp4", "warping_error.png", "metrics.json"):
         assert (tmp_path / "b" / name).stat().st_size > 0
     info = probe_video(str(tmp_path / "a" / "restored.mp4"))
