@@ -258,7 +258,7 @@ def run_config(tmp: str, width: int, height: int, frames: int, steps: int, skip_
         "s_per_frame": round(sum(v["seconds"] for v in stages.values()) / frames, 3),
         "largest_stage": max(stages, key=lambda s: stages[s]["peak_rss_mb"]),
         "stages": stages, "per_stage_peak": result["per_stage_peak"],
-        **({"sampling": "not measured (spatial tiles are not in this branch); decode reads the noise as latents"}
+        **({"sampling": "not measured in the size series (decode reads the noise as latents); tiled sampling: --tile"}
            if skip_sampling else {}),
     }
 
