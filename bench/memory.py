@@ -270,9 +270,9 @@ def run(frames=(32, 128, 512), sizes=((256, 256), (1280, 720), (1920, 1080)), st
         by_frames = {str(n): run_config(tmp, 256, 256, n, steps, skip_sampling=False, **kw) for n in frames}
         by_size = {f"{w}x{h}": run_config(tmp, w, h, SIZE_SERIES_FRAMES, steps, skip_sampling=True, **kw) for w, h in sizes}
     out = {"steps": steps, "stages": list(stages or STAGES), "max_rss_mb": max_rss_mb,
-           "sample_window": _window_kwargs().get("window", "none: the sample stage has no windows in this branch"),
+           "sample_window": _window_kwargs().get("window"),
            "size_series_frames": SIZE_SERIES_FRAMES, "by_frames": by_frames, "by_size": by_size}
-    first, last = by_frames[str(frames[0])], by_frames[str(frames[-1])]
+    first, last = (by_frames[str(frames[0])], by_frames[str(frames[-1])]) if frames else ({}, {})  # --frames "": sizes only
     for label in ("peak_rss_mb", "streamed_peak_rss_mb"):
         if first.get(label) and last.get(label) and "error" not in first and "error" not in last:
             out[f"{label}_ratio_{frames[-1]}_vs_{frames[0]}"] = round(last[label] / first[label], 3)
