@@ -346,26 +346,6 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
     return specs
 
 
-def _restore(cfg, parent_run_id: str) -> dict:
-    """flows.restore_video.restore, imported late (its stages import torch, zarr, the models)."""
-    from flows.restore_video import restore
-
-    return restore(cfg, parent_run_id=parent_run_id)
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def prepare_clips(name: str, input: str | None, work_root: str, frames: int | None, seeds: int,
                   tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES, models_root=None) -> list[Clip]:
     """The experiment's clips. shift-inpaint: the panned still (`input` = an image, default SHIFT_IMAGE) and its
