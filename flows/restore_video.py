@@ -28,7 +28,7 @@ from tasks import outputs
 from tasks import prepare as prepare_stage
 from tasks import sample as sample_stage
 from tasks._stage import StageRecord, store_for
-from tasks.models import model_identity, model_info, pad_multiple, resolve_guidance_space
+from tasks.models import model_identity, model_info, resolve_guidance_space
 
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
 
@@ -107,13 +107,12 @@ def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
 
 def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
     """Every stage's content key from the settings alone (keys hash parameters and upstream keys, never data), in one
-    place for restore() and bench.memory. Also `_model` (model_info + multiple, base noise) and `_space` (guidance)."""
+    place for restore() and bench.memory. Also `_model` (model_info incl. the pad multiple, base noise) and `_space` (guidance)."""
     opts = cfg.storage_options
     model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
     if not cfg.zero_shot and model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    model = {**model, "multiple": pad_multiple(cfg.model_name),  # frame sizes the model takes
-             "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
+    model = {**model, "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
     space = "latent" if cfg.zero_shot else resolve_guidance_space(cfg.guidance_space, model)
     mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
     k = {"extract_frames": extract_stage.extract_key(cfg.input, cfg.frame_range, opts)}

@@ -37,16 +37,17 @@ def _load(name: str, device: str, dtype: str):
 
 
 def model_info(name: str) -> dict:
-    """{"task", "noise", "latent_channels", "factor", "layout", "text", "linear_decoder"} of a model, read from its
-    files without loading it (our card; a diffusers directory's configs). linear_decoder: decoding is one cheap
-    linear map (our PCA autoencoder); text: the model takes a prompt."""
+    """{"task", "noise", "latent_channels", "factor", "downsampling", "multiple", "layout", "text", "linear_decoder"}
+    of a model, read from its files without loading it (our card; a diffusers directory's configs; the geometry from
+    `model_geometry`). linear_decoder: decoding is one cheap linear map (our PCA and lapped autoencoders); text: the
+    model takes a prompt."""
     from storage.models import LAYOUT_TASKS, detect_layout
 
     d = resolve(name)
     if (d / CARD).exists():
         card = json.loads((d / CARD).read_text())
         return {"task": card["task"], "noise": card.get("noise"), "latent_channels": int(card["autoencoder"]["latent_channels"]),
-                "factor": int(card["autoencoder"].get("factor", 8)), "layout": "concat", "text": False,
+                **model_geometry(name), "layout": "concat", "text": False,
                 "linear_decoder": card["autoencoder"].get("type") in ("pca", "lapped")}  # both decode linearly
     try:
         unet = json.loads((d / "unet" / "config.json").read_text())
@@ -58,9 +59,8 @@ def model_info(name: str) -> dict:
     layout = detect_layout(d, unet, c, meta)
     task = meta.get("task") or LAYOUT_TASKS.get(layout) or {2 * c: "sr8", 2 * c + 1: "inpaint"}.get(int(unet.get("in_channels", 0)))
     if task is None:
-        return {**_loaded_info(name), "layout": layout}
-    blocks = vae.get("encoder_block_out_channels") or vae.get("block_out_channels", (0,) * 4)
-    return {"task": task, "noise": meta.get("noise"), "latent_channels": c, "factor": 2 ** (len(blocks) - 1),
+        return {**_loaded_info(name), **model_geometry(name), "layout": layout}
+    return {"task": task, "noise": meta.get("noise"), "latent_channels": c, **model_geometry(name),
             "layout": layout, "text": layout != "concat", "linear_decoder": False}
 
 

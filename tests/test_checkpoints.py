@@ -277,7 +277,6 @@ def test_cli_restores_a_clip_with_each_layout(snapshots, odd_clip, tmp_path, lay
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp16_warped_diffusion_restores(snapshots, odd_clip, tmp_path):
     from storage.video import read_video
 
