@@ -30,7 +30,7 @@ STREAMED = ("extract_frames", "estimate_flow", "encode", "generate_noise", "deco
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "outputs")
 SIZE_SERIES_FRAMES = 4
 GOAL_RATIO = 1.3
-WINDOW = 16  # frames per sampling window, where the sample stage has windows
+WINDOW = 16  # frames per sampling window
 DEFAULT_MAX_RSS_MB = 8192  # a configuration passing this is stopped and reported, not left to the OOM killer
 
 
@@ -57,63 +57,40 @@ def make_clip(path: str, width: int, height: int, frames: int) -> str:
     return write_video(path, (frame(i) for i in range(frames)), 24)
 
 
-def _keys(spec: dict) -> dict:
-    """The content-addressed keys restore() derives for this configuration (so its final call reuses them all)."""
+def _calls(spec: dict) -> tuple:
+    """restore()'s own stage calls for this configuration (so its final call reuses them all) -> (calls, cfg)."""
     from flows.config import RestoreConfig
-    from flows.restore_video import derive_keys
+    from flows.restore_video import derive_calls
 
     cfg = RestoreConfig(**spec["config"])
-    k = derive_keys(cfg)
-    model, space = k.pop("_model"), k.pop("_space")
-    return {"keys": k, "cfg": cfg, "base": model["base"], "channels": model["latent_channels"], "space": space,
-            "model": model}
-
-
-def _window_kwargs() -> dict:
-    """Temporal windows for the sample stage where the sampler has them (they are not in the key)."""
-    import inspect
-
-    from tasks.sample import SamplerWorker
-
-    return {"window": WINDOW} if "window" in inspect.signature(SamplerWorker.sample).parameters else {}
+    calls, _, _ = derive_calls(cfg)
+    return calls, cfg
 
 
 def run_stage(spec: dict, stage: str) -> None:
-    """One stage of restore() with its own keys, in this process (`--stage`)."""
+    """One stage of restore() with its own call, in this process (`--stage`), through the stage runner (no Prefect)."""
     import numpy as np
     import torch
     import xarray as xr
 
-    from tasks import decode, encode, extract, flow, noise, prepare
-    from tasks._stage import store_for
+    from tasks._stage import run as run_call, store_for
+    from tasks.stages import STAGES as REGISTRY
 
     torch.set_num_threads(int(spec.get("threads", 1)))
-    d = _keys(spec)
-    k, cfg = d["keys"], d["cfg"]
-    w = cfg.work_root
-    if stage == "extract_frames":
-        extract.extract_frames.fn(w, {}, k[stage], cfg.input, cfg.frame_range)
-    elif stage == "prepare":
-        prepare.prepare.fn(w, {}, k[stage], k["extract_frames"], cfg.task, cfg.mode, cfg.seed, None, d["model"]["multiple"])
-    elif stage == "estimate_flow":
-        flow.estimate_flow.fn(w, {}, k[stage], k["prepare"], cfg.flow_backend, d["model"]["factor"])
-    elif stage == "encode":
-        encode.encode.fn(w, {}, k[stage], k["prepare"], cfg.model_name)
-    elif stage == "generate_noise":
-        noise.generate_noise.fn(w, {}, k[stage], k["estimate_flow"], cfg.noise_method, cfg.seed, d["channels"], d["base"])
-    elif stage == "sample":
+    calls, cfg = _calls(spec)
+    store = store_for(cfg.work_root, {})
+    if stage == "sample":
+        call = calls["sample"]
         if spec.get("skip_sampling"):  # decode then measures the noise as if it were the clean latents
-            store = store_for(w, {})
-            latents = store.open("generate_noise", k["generate_noise"])["noise"].values
-            store.write("sample", k["sample"], xr.Dataset({"latents": (("frame", "c", "ly", "lx"), np.asarray(latents))}))
+            latents = store.open("generate_noise", call.upstream["generate_noise"])["noise"].values
+            store.write("sample", call.key, xr.Dataset({"latents": (("frame", "c", "ly", "lx"), np.asarray(latents))}))
             return
-        from tasks.sample import SamplerWorker
+        from tasks.sample import SamplerWorker, worker_request
 
-        SamplerWorker(cfg.model_name, threads=int(spec.get("threads", 1))).sample(
-            w, {}, k["sample"], k["generate_noise"], k["encode"], k["estimate_flow"], cfg.steps, cfg.guidance_strength,
-            cfg.max_batch, d["space"], **_window_kwargs())
-    elif stage == "decode":
-        decode.decode.fn(w, {}, k[stage], k["sample"], k["prepare"], cfg.model_name)
+        request = {**worker_request(store, call), "window": WINDOW}  # windows are not in the key
+        SamplerWorker(cfg.model_name, threads=int(spec.get("threads", 1))).sample(**request)
+    elif stage in calls and stage != "outputs":
+        run_call(REGISTRY[stage], store, calls[stage])
     elif stage == "outputs":  # restore() itself: every stage above is reused, metrics and the videos are computed
         from flows.restore_video import restore
 
@@ -270,7 +247,7 @@ def run(frames=(32, 128, 512), sizes=((256, 256), (1280, 720), (1920, 1080)), st
         by_frames = {str(n): run_config(tmp, 256, 256, n, steps, skip_sampling=False, **kw) for n in frames}
         by_size = {f"{w}x{h}": run_config(tmp, w, h, SIZE_SERIES_FRAMES, steps, skip_sampling=True, **kw) for w, h in sizes}
     out = {"steps": steps, "stages": list(stages or STAGES), "max_rss_mb": max_rss_mb,
-           "sample_window": _window_kwargs().get("window"),
+           "sample_window": WINDOW,
            "size_series_frames": SIZE_SERIES_FRAMES, "by_frames": by_frames, "by_size": by_size}
     first, last = (by_frames[str(frames[0])], by_frames[str(frames[-1])]) if frames else ({}, {})  # --frames "": sizes only
     for label in ("peak_rss_mb", "streamed_peak_rss_mb"):

@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from storage.video import VideoError
-from tasks.prepare import input_multiple, output_scale
+from tasks.degrade import input_multiple, output_scale
 
 GIB = 2**30
 BASE_BYTES = 1 * GIB  # interpreter + torch + prefect + the embedded model (measured ~0.85 GB)

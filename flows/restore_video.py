@@ -1,9 +1,9 @@
 """The restore-video flow: a DAG of cached stages, sampling on a model worker (Ray actor or inline), MLflow run.
 
-    extract_frames -> prepare -> estimate_flow -> encode -> generate_noise -> sample -> decode -> outputs + metrics
+    extract_frames -> prepare -> estimate_flow -> encode -> generate_noise -> sample -> decode -> metrics -> outputs
 
-Every stage's artifact is content-addressed in `work_root`, so a rerun (or a run killed mid-way) recomputes
-only what is missing; metrics.json says which stages were reused (`cached`).
+Every stage (tasks.stages) runs as a Prefect task run; its artifact is content-addressed in `work_root`, so a rerun
+(or a run killed mid-way) recomputes only what is missing; metrics.json says which stages were reused (`cached`).
 """
 
 from __future__ import annotations
@@ -18,19 +18,14 @@ from prefect import flow, get_run_logger
 
 from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, RestoreConfig, sample_clip_path
 from flows.preflight import preflight
+from storage.artifacts import write_json_atomic
 from storage.video import VideoError
-from tasks import decode as decode_stage
-from tasks import encode as encode_stage
-from tasks import extract as extract_stage
-from tasks import flow as flow_stage
-from tasks import noise as noise_stage
-from tasks import outputs
-from tasks import prepare as prepare_stage
-from tasks import sample as sample_stage
-from tasks._stage import StageRecord, store_for
+from tasks import metrics as metrics_stage
+from tasks._stage import StageCall, StageRecord, store_for
 from tasks.models import model_identity, model_info, resolve_guidance_space
+from tasks.stages import ORDER, STAGES, run_task, timeout_s
 
-STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
+ARTIFACT_STAGES = tuple(name for name in ORDER if STAGES[name].artifact)  # those whose keys and `cached` the report lists
 
 
 def check_output_writable(out: str, storage_options: dict) -> None:
@@ -60,78 +55,64 @@ def ensure_sample_clip() -> str:
     return path
 
 
-class _Progress:
-    """Sampling progress to a tqdm bar and a Prefect progress artifact."""
-
-    def __init__(self, total: int):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc="sampling", unit="tick")
-        self.artifact = None
-        try:
-            from prefect.artifacts import create_progress_artifact
-
-            self.artifact = create_progress_artifact(progress=0.0, description="restore-video sampling")
-        except Exception:  # outside a flow run there is nowhere to publish it
-            self.artifact = None
-
-    def __call__(self, info: dict) -> None:
-        done, total = info.get("tick", 0), max(info.get("total_ticks", 0), 1)
-        self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
-        if self.artifact is not None:
-            from prefect.artifacts import update_progress_artifact
-
-            update_progress_artifact(self.artifact, progress=100.0 * done / total)
-
-    def close(self) -> None:
-        self.bar.close()
+def stage_args(cfg: RestoreConfig, model: dict, space: str, tile: int | None = None, window: int | None = None) -> dict:
+    """Every stage's arguments from the settings, in one place (each stage's `identity` picks what enters its key).
+    model: model_info plus `base` (the base noise); space: the resolved guidance space; tile / window: preflight's."""
+    zero_shot = cfg.zero_shot
+    args = {
+        "extract_frames": {"input": cfg.input, "range": list(cfg.frame_range)},
+        "prepare": {"task": cfg.task, "mode": cfg.mode, "seed": cfg.seed, "mask": cfg.mask, "multiple": model["multiple"]},
+        "estimate_flow": {"backend": cfg.flow_backend, "factor": model["factor"], "multiple": None},  # prepare pads already
+        "generate_noise": {"method": cfg.noise_method, "seed": cfg.seed, "channels": model["latent_channels"],
+                           "base": model["base"]},
+        "sample": {"model": cfg.model_name, "steps": cfg.steps, "guidance": cfg.guidance_strength, "guidance_space": space,
+                   "text": cfg.text, "dtype": cfg.dtype, "tile": tile, "max_batch": cfg.max_batch, "window": window,
+                   "device": cfg.device, "executor": cfg.executor},
+        "decode": {"model": cfg.model_name, "dtype": cfg.dtype, "device": cfg.device},
+        "metrics": {},
+        "outputs": {"out": cfg.out, "input": cfg.input, "first_frame": cfg.frame_range[0]},
+    }
+    if zero_shot:  # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
+        args["sample"].update(solver=cfg.solver_params(), task=cfg.task, seed=cfg.seed)
+    else:
+        args["encode"] = {"model": cfg.model_name, "dtype": cfg.dtype, "device": cfg.device}
+    return args
 
 
-def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
-    """Sample on the given actor pool, on a fresh Ray actor, or in-process (`executor='inline'`)."""
-    progress = _Progress(total=cfg.steps)
-    try:
-        if pool is not None:
-            return StageRecord(**pool.submit("sample", progress=progress, **request))
-        if cfg.executor == "inline":
-            worker = sample_stage.SamplerWorker(cfg.model_name, device=cfg.device, dtype=cfg.dtype)
-            worker._external_callback = progress
-            return StageRecord(**worker.sample(**request))
-        with sample_stage.sampler_pool(cfg.model_name, num_actors=1, device=cfg.device, dtype=cfg.dtype) as ray_pool:
-            return StageRecord(**ray_pool.submit("sample", progress=progress, **request))
-    finally:
-        progress.close()
-
-
-def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
-    """Every stage's content key from the settings alone (keys hash parameters and upstream keys, never data), in one
-    place for restore() and bench.memory. Also `_model` (model_info incl. the pad multiple, base noise) and `_space` (guidance)."""
-    opts = cfg.storage_options
-    model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
+def plan_model(cfg: RestoreConfig) -> tuple[dict, str]:
+    """(model, guidance space): model_info (incl. the pad multiple) plus `base`, the base noise; read from the card or
+    configs, so a fully cached run never loads the network."""
+    model = model_info(cfg.model_name)
     if not cfg.zero_shot and model["task"] != cfg.task:
         raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
     model = {**model, "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
     space = "latent" if cfg.zero_shot else resolve_guidance_space(cfg.guidance_space, model)
-    mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
-    k = {"extract_frames": extract_stage.extract_key(cfg.input, cfg.frame_range, opts)}
-    k["prepare"] = prepare_stage.prepare_key(k["extract_frames"], cfg.task, cfg.mode, cfg.seed, mask_ident, model["multiple"])
-    k["estimate_flow"] = flow_stage.flow_key(k["prepare"], cfg.flow_backend, model["factor"])
-    # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
-    k["encode"] = None if cfg.zero_shot else encode_stage.encode_key(k["prepare"], cfg.model_name, cfg.dtype)
-    k["generate_noise"] = noise_stage.noise_key(k["estimate_flow"], cfg.noise_method, cfg.seed, model["latent_channels"],
-                                                model["base"])
-    k["sample"] = sample_stage.sample_key(k["generate_noise"], k["encode"], k["estimate_flow"], cfg.model_name, cfg.steps,
-                                          cfg.guidance_strength, cfg.max_batch, space, cfg.text, cfg.dtype, tile=tile,
-                                          solver=cfg.solver_params(), prepare=k["prepare"])
-    k["decode"] = decode_stage.decode_key(k["sample"], k["prepare"], cfg.model_name, cfg.dtype)
-    k["metrics"] = outputs.metrics_key(k["decode"], k["prepare"], k["estimate_flow"], k["sample"])
-    return {**k, "_model": model, "_space": space}
+    return model, space
+
+
+def derive_calls(cfg: RestoreConfig, tile: int | None = None, window: int | None = None) -> tuple[dict[str, StageCall], dict, str]:
+    """Every stage's call (its content key computed once, from the settings alone: keys hash parameters and upstream
+    keys, never data) -> (calls by stage name, model, guidance space)."""
+    model, space = plan_model(cfg)
+    args = stage_args(cfg, model, space, tile, window)
+    calls: dict[str, StageCall] = {}
+    for name in ORDER:
+        if name in args:
+            calls[name] = STAGES[name].call(args[name], {n: c.key for n, c in calls.items()}, cfg.storage_options)
+    return calls, model, space
+
+
+def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
+    """Every artifact stage's content key (None: a stage this job skips), plus `_model` (model_info incl. the pad
+    multiple, base noise) and `_space` (guidance), for restore()'s callers that open its artifacts (bench.memory,
+    flows.experiments)."""
+    calls, model, space = derive_calls(cfg, tile)
+    keys = {name: calls[name].key if name in calls else None for name in ARTIFACT_STAGES}
+    return {**keys, "_model": model, "_space": space}
 
 
 def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> dict:
-    """Run every stage for one video; returns the metrics.json report."""
+    """Run every stage for one video, each as a Prefect task run; returns the metrics.json report."""
     from infra import tracking
 
     logger = _logger()
@@ -155,51 +136,17 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
         input_url=cfg.input,
     ) as run:  # opened before the stages: running and failed restorations show up too
         store = store_for(cfg.work_root, opts)
-        records: dict[str, StageRecord] = {}
-
-        # 1-2. frames and conditioning
-        k = derive_keys(cfg, plan.tile)  # every stage's content key, from the settings alone
-        model, space = k.pop("_model"), k.pop("_space")
-        records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k["extract_frames"], cfg.input, cfg.frame_range)
-        records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k["prepare"], k["extract_frames"], cfg.task, cfg.mode,
-                                                   cfg.seed, cfg.mask, model["multiple"])
-        # 3. flow (latent flows at the model's latent factor)
-        records["estimate_flow"] = flow_stage.estimate_flow(cfg.work_root, opts, k["estimate_flow"], k["prepare"], cfg.flow_backend,
-                                                            model["factor"])
-        # 4-5. conditioning latents and initial noise
-        if not cfg.zero_shot:
-            records["encode"] = encode_stage.encode(cfg.work_root, opts, k["encode"], k["prepare"], cfg.model_name, cfg.device,
-                                                    cfg.dtype)
-        records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k["generate_noise"], k["estimate_flow"],
-                                                               cfg.noise_method, cfg.seed, model["latent_channels"], model["base"])
-        # 6. sampling (the expensive stage)
-        k_sample = k["sample"]
-        request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k["generate_noise"], encode=k["encode"],
-                       flow=k["estimate_flow"], steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch,
-                       guidance_space=space, text=cfg.text)
-        if cfg.zero_shot:
-            request.update(solver=cfg.solver_params(), zero_shot=dict(prepare=k["prepare"], task=cfg.task, seed=cfg.seed))
         # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
-        if plan.window < plan.frames:
-            request["window"] = plan.window
-        if plan.tile is not None:
-            request["tile"] = plan.tile
-        if store.exists("sample", k_sample):
-            records["sample"] = StageRecord("sample", k_sample, True)
-        else:
-            logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
-            records["sample"] = run_sampling(cfg, request, pool)
-        # 7. decode
-        records["decode"] = decode_stage.decode(cfg.work_root, opts, k["decode"], k_sample, k["prepare"], cfg.model_name,
-                                                cfg.device, cfg.dtype)
+        calls, model, space = derive_calls(cfg, plan.tile, plan.window if plan.window < plan.frames else None)
+        timeout = timeout_s(plan.seconds)
+        records: dict[str, StageRecord] = {}
+        for name, call in calls.items():  # in ORDER; every stage a Prefect task run
+            if name == "sample" and not store.exists("sample", call.key):
+                logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
+            records[name] = run_task(call, cfg.work_root, opts, pool=pool if name == "sample" else None, timeout=timeout)
 
-        # 8. metrics and outputs
-        t_out = time.perf_counter()
-        restored = store.open("decode", k["decode"])  # lazy: metrics and the writers read chunks of frames
-        prepared = store.open("prepare", k["prepare"])
-        extracted = store.open("extract_frames", k["extract_frames"])
-        computed, records["metrics"] = outputs.cached_metrics(store, k["metrics"], restored, prepared, k["estimate_flow"], k_sample)
-        fps = float(extracted.attrs["fps"])
+        computed = metrics_stage.read(store, calls["metrics"].key)
+        restored = store.open("decode", calls["decode"].key)
         report = {
             "task": cfg.task,
             "method": cfg.method,
@@ -207,27 +154,21 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
             "model": cfg.model_name,
             "guidance_space": space if cfg.guidance_strength > 0 else "none",
             "frames": int(restored.sizes["frame"]),
-            "fps": fps,
+            "fps": float(store.open("extract_frames", calls["extract_frames"].key).attrs["fps"]),
             "preflight": plan.to_dict(),
             **computed["summary"],
             "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
-            "cached": {name: r.cached for name, r in records.items()},
-            "keys": {name: r.key for name, r in records.items()},
+            "cached": {name: r.cached for name, r in records.items() if STAGES[name].artifact},
+            "keys": {name: r.key for name, r in records.items() if STAGES[name].artifact},
         }
         report["mlflow_run_id"] = run.info.run_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
-        times, start_s = outputs.source_times(cfg.input, cfg.frame_range[0], int(restored.sizes["frame"]), fps, opts)
-        audio = cfg.input if extracted.attrs.get("info_has_audio") else None
-        urls = outputs.write_outputs(cfg.out, restored["frames"], prepared, fps, audio, computed["per_frame"], opts,
-                                     times=times, audio_start=start_s)
-        report["timings_s"]["outputs"] = round(time.perf_counter() - t_out, 3)
+        urls = records["outputs"].extra["urls"]
         report["timings_s"]["total"] = round(time.perf_counter() - t_total, 3)
         report["outputs"] = urls
-        from storage.artifacts import write_json_atomic
-
         write_json_atomic(urls["metrics.json"], report, storage_options=opts)
-        outputs.log_to_mlflow(report, computed["per_frame"], urls, opts, log_videos=cfg.log_videos)
-        sampled = store.open("sample", k_sample)  # a zero-shot solver's loss curves -> metric series solver_<name>
+        tracking.log_restoration(report, computed["per_frame"], urls, opts, log_videos=cfg.log_videos)
+        sampled = store.open("sample", calls["sample"].key)  # a zero-shot solver's loss curves -> metric series solver_<name>
         for name in [v for v in sampled.data_vars if str(v).startswith("history_")]:
             tracking.log_series("solver_" + str(name)[len("history_"):], sampled[name].values.tolist(), run.info.run_id)
         logger.info(f"restored {report['frames']} frames -> {urls['restored.mp4']} (MLflow run {report['mlflow_run_id']})")

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from infra._proc import free_port, release, spawn, stop_group, wait_http
 
 __all__ = ["tracking_uri", "use_tracking_uri", "start_run", "restoration_run", "log_config", "log_output_files", "redact", "scrub",
-           "is_secret_name", "check_no_secrets", "flatten", "log_series", "git_commit", "source_tags", "MlflowUI", "ensure_experiment"]
+           "is_secret_name", "check_no_secrets", "flatten", "log_series", "log_restoration", "git_commit", "source_tags", "MlflowUI", "ensure_experiment"]
 
 MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: longer values are refused, so they are cut
 NEVER_RECORDED = ("storage_options",)  # whole subtrees never logged (fsspec options carry credentials)
@@ -373,6 +373,26 @@ def log_output_files(urls: Mapping[str, str], storage_options: Mapping | None = 
             client.log_artifact(run_id, local)
             logged.append(os.path.basename(name))
     return logged
+
+
+def log_restoration(report: Mapping[str, Any], per_frame: Mapping[str, Iterable[float]], urls: Mapping[str, str],
+                    storage_options: Mapping | None = None, log_videos: bool = False) -> None:
+    """Into the active MLflow run (its params were logged, redacted, when it opened): the guidance space used, the
+    report's numbers (summary, warping errors, timings) as metrics, per-frame series (step = frame index), and the
+    output files as artifacts (videos only with `log_videos`)."""
+    import mlflow
+
+    mlflow.log_param("guidance_space_used", report["guidance_space"])
+    flat = {}
+    for key, value in report.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+        elif key in ("warping_error", "timings_s") and isinstance(value, Mapping):
+            flat.update({f"{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+    mlflow.log_metrics({k: float(v) for k, v in flat.items() if v == v})  # NaN-free
+    for name, values in per_frame.items():
+        log_series(f"per_frame_{name}", values)
+    log_output_files(urls, storage_options, log_videos=log_videos)
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:

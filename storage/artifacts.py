@@ -216,12 +216,17 @@ class ArtifactStore:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def remove_stale_tmp(self, older_than_s: float = 3600.0) -> list[str]:
-        """Remove temp dirs (and, on object stores, marker-less artifacts) older than older_than_s."""
+    def remove_stale_tmp(self, older_than_s: float = 3600.0, stage: str | None = None) -> list[str]:
+        """Remove temp dirs (and, on object stores, marker-less artifacts) untouched for older_than_s seconds, under
+        every stage or only under `stage`; returns the removed paths."""
         removed = []
         now = time.time()
-        for stage_dir in self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []:
-            if not self.fs.isdir(stage_dir):
+        if stage is not None:
+            stage_dirs = [self._path(stage, "").rstrip("/")]
+        else:
+            stage_dirs = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
+        for stage_dir in stage_dirs:
+            if not self.fs.exists(stage_dir) or not self.fs.isdir(stage_dir):
                 continue
             for p in self.fs.ls(stage_dir, detail=False):
                 name = p.rstrip("/").rsplit("/", 1)[-1]
@@ -235,8 +240,14 @@ class ArtifactStore:
 
     def _mtime(self, path: str) -> float:
         """Newest modification time under path (epoch s); +inf when unknown."""
-        if self.local:
-            return os.path.getmtime(path)
+        if self.local:  # a chunked writer touches files deep inside, not the directory itself
+            try:
+                times = [os.path.getmtime(path)]
+                for d, _, files in os.walk(path):
+                    times += [os.path.getmtime(os.path.join(d, f)) for f in files]
+                return max(times)
+            except FileNotFoundError:
+                return math.inf
         try:
             ts = [self.fs.info(f).get("LastModified") for f in self.fs.find(path)]
             ts = [t.timestamp() for t in ts if t is not None]

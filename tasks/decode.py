@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from prefect import task
 
 from ops import degrade
+from ops.images import to_float, to_uint8
 from storage.artifacts import frame_slices
-from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
-from tasks.models import get_model, model_identity
-from tasks.prepare import SR_FACTORS
+from tasks._stage import Stage, batch_frames
+from tasks.degrade import SR_FACTORS
+from tasks.encode import model_params
+from tasks.models import get_model
 
 MODEL_BATCH = 8  # frames per model call
-
-
-def decode_key(sample: str, prepare: str, model: str, dtype: str = "float32") -> str:
-    params = {"model": model_identity(model)}
-    if dtype != "float32":
-        params["dtype"] = dtype
-    return stage_key("decode", params, {"sample": sample, "prepare": prepare})
-
-
-def _float(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(frames)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
 
 
 def produce(writer, latents, prepared, model_name: str, device: str = "cpu", dtype: str = "float32") -> None:
@@ -47,21 +37,21 @@ def produce(writer, latents, prepared, model_name: str, device: str = "cpu", dty
             z = torch.from_numpy(np.asarray(latents[s])).to(device)  # (B, C, h, w)
             images = model.decode(z).clamp(0, 1).float().cpu()[:, :, :height, :width]  # (B, 3, H, W)
         if sr:  # output, downsampled, reproduces the input
-            low = _float(prepared["input"][s].values)  # (B, 3, H/s, W/s)
+            low = to_float(prepared["input"][s].values)  # (B, 3, H/s, W/s)
             images = degrade.back_project(images, low, height // low.shape[-2])
         if "mask" in prepared:  # inpainting keeps the known pixels exactly: only holes are generated
             known = 1.0 - torch.from_numpy(prepared["mask"][s].values)[:, None].float()
-            images = known * _float(prepared["cond"][s].values) + (1 - known) * images
-        out = (images * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()[:, :out_h, :out_w]
+            images = known * to_float(prepared["cond"][s].values) + (1 - known) * images
+        out = to_uint8(images)[:, :out_h, :out_w]  # images are in [0, 1] already: the clamp changes nothing
         writer.write("frames", s.start, out)
 
 
-@task(name="decode", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def decode(work_root: str, storage_options: dict, key: str, sample: str, prepare: str, model_name: str, device: str = "cpu",
-           dtype: str = "float32") -> StageRecord:
-    store = store_for(work_root, storage_options)
+def _produce(store, call, writer) -> None:
+    a = call.args
+    produce(writer, store.open("sample", call.upstream["sample"])["latents"].data, store.open("prepare", call.upstream["prepare"]),
+            a["model"], a.get("device", "cpu"), a.get("dtype", "float32"))
 
-    def produce_from_store(writer):
-        produce(writer, store.open("sample", sample)["latents"].data, store.open("prepare", prepare), model_name, device, dtype)
 
-    return run_stage_chunked(store, "decode", key, produce_from_store)
+# args: model, dtype, device (not in the key)
+STAGE = Stage("decode", version="3",  # 2: sr8 back-projection onto the low-res input; 3: crops the model's padding, streamed
+              inputs=("sample", "prepare"), identity=model_params, produce=_produce)

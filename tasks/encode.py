@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from prefect import task
 
+from ops.images import to_float
 from storage.artifacts import frame_slices
 from storage.video import pad_to_multiple
-from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
+from tasks._stage import Stage, batch_frames
 from tasks.models import get_model, model_identity, model_info, pad_multiple
 
 MODEL_BATCH = 8  # frames per model call (the autoencoder's activations, not the arrays, bound this)
 
 
-def encode_key(prepare: str, model: str, dtype: str = "float32") -> str:
-    params = {"model": model_identity(model)}
-    if dtype != "float32":  # reduced precision changes the latents; float32 keys stay as they were
-        params["dtype"] = dtype
-    return stage_key("encode", params, {"prepare": prepare})
+def model_params(args: dict, storage_options: dict | None = None) -> dict:
+    """The identity of a model stage's args (encode, decode): the model's files and, below float32, the dtype (reduced
+    precision changes the numbers; float32 keys stay as they were). The device is not in it."""
+    params = {"model": model_identity(args["model"])}
+    if args.get("dtype", "float32") != "float32":
+        params["dtype"] = args["dtype"]
+    return params
 
 
 def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str = "float32", scale: int = 1) -> None:
@@ -38,7 +40,7 @@ def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str
     batch = min(MODEL_BATCH, batch_frames(height * width * 3 * 4))
     for s in frame_slices(frames, batch):
         images, _ = pad_to_multiple(np.asarray(cond[s]), multiple)  # (B, Hp, Wp, 3)
-        x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).to(device)  # (B, 3, Hp, Wp)
+        x = to_float(images).to(device)  # (B, 3, Hp, Wp)
         m = None
         if mask is not None:
             holes, _ = pad_to_multiple(np.asarray(mask[s])[..., None], multiple)  # (B, Hp, Wp, 1)
@@ -51,16 +53,15 @@ def produce(writer, cond, mask, model_name: str, device: str = "cpu", dtype: str
     writer.attrs.update({"model": model_name, "multiple": multiple, "height": height, "width": width})
 
 
-@task(name="encode", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def encode(work_root: str, storage_options: dict, key: str, prepare: str, model_name: str, device: str = "cpu",
-           dtype: str = "float32") -> StageRecord:
-    store = store_for(work_root, storage_options)
+def _produce(store, call, writer) -> None:
+    prepared = store.open("prepare", call.upstream["prepare"])
+    a = call.args
+    mask = prepared["mask"].data if "mask" in prepared else None
+    source = "input" if model_info(a["model"])["task"] == "sr4" else "cond"  # the x4 upscaler takes the low-res frame
+    scale = int(prepared["cond"].shape[2]) // int(prepared[source].shape[2])
+    produce(writer, prepared[source].data, mask, a["model"], a.get("device", "cpu"), a.get("dtype", "float32"), scale)
 
-    def produce_from_store(writer):
-        prepared = store.open("prepare", prepare)
-        mask = prepared["mask"].data if "mask" in prepared else None
-        source = "input" if model_info(model_name)["task"] == "sr4" else "cond"  # the x4 upscaler takes the low-res frame
-        scale = int(prepared["cond"].shape[2]) // int(prepared[source].shape[2])
-        produce(writer, prepared[source].data, mask, model_name, device, dtype, scale)
 
-    return run_stage_chunked(store, "encode", key, produce_from_store)
+# args: model, dtype, device (not in the key)
+STAGE = Stage("encode", version="2",  # 2: padded to the model's multiple, streamed
+              inputs=("prepare",), identity=model_params, produce=_produce)

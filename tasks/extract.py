@@ -10,11 +10,10 @@ from typing import Iterator
 
 import fsspec
 import numpy as np
-from prefect import task
 
 from storage.artifacts import frame_slices
 from storage.video import VideoError, VideoInfo
-from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
+from tasks._stage import Stage, batch_frames
 
 MIN_SIDE = 16  # pixels: the smallest frame side the flow estimator and the models are run on
 
@@ -25,11 +24,6 @@ def source_identity(url: str, storage_options: dict | None = None) -> str:
     if not fs.exists(path):
         raise VideoError(f"{url}: file not found; check the path or URL (and credentials for remote storage)")
     return fs.ukey(path)
-
-
-def extract_key(url: str, frame_range: tuple[int, int | None], storage_options: dict | None = None) -> str:
-    ident = source_identity(url, storage_options)
-    return stage_key("extract_frames", {"input": url, "ukey": ident, "range": list(frame_range)}, {})
 
 
 def checked_range(url: str, info: VideoInfo, start: int, stop: int | None) -> tuple[int, int]:
@@ -84,7 +78,13 @@ def produce(writer, url: str, frame_range, storage_options) -> None:
                          **{f"info_{k}": v for k, v in info.to_dict().items() if v is not None}})
 
 
-@task(name="extract_frames", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def extract_frames(work_root: str, storage_options: dict, key: str, url: str, frame_range: tuple) -> StageRecord:
-    store = store_for(work_root, storage_options)
-    return run_stage_chunked(store, "extract_frames", key, lambda w: produce(w, url, tuple(frame_range), storage_options))
+def _identity(args: dict, storage_options: dict) -> dict:
+    """The URL, the file's own identity (a changed file gets a new key) and the frame range."""
+    return {"input": args["input"], "ukey": source_identity(args["input"], storage_options), "range": list(args["range"])}
+
+
+# args: input (URL), range ([start, stop or None])
+STAGE = Stage("extract_frames", version="2",  # 2: streamed
+              inputs=(), identity=_identity,
+              produce=lambda store, call, writer: produce(writer, call.args["input"], tuple(call.args["range"]),
+                                                          store.storage_options))

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from prefect import task
 
 from ops import noise_warp
 from storage.artifacts import frame_slices
-from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
+from tasks._stage import Stage, batch_frames
 
 STREAMED = ("gp", "fixed", "resample")
-
-
-def noise_key(flow: str, method: str, seed: int, channels: int, base: str) -> str:
-    return stage_key("generate_noise", {"method": method, "seed": seed, "channels": channels, "base": base}, {"estimate_flow": flow})
 
 
 def shot_rng(seed: int, shot: int) -> np.random.Generator:
@@ -69,8 +64,9 @@ def produce(writer, flows, method: str, seed: int, channels: int, base: str) -> 
     writer.attrs.update({"method": method, "seed": seed, "base": base, "shots": int(shots.max()) + 1 if frames else 0})
 
 
-@task(name="generate_noise", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def generate_noise(work_root: str, storage_options: dict, key: str, flow: str, method: str, seed: int, channels: int, base: str) -> StageRecord:
-    store = store_for(work_root, storage_options)
-    return run_stage_chunked(store, "generate_noise", key,
-                             lambda w: produce(w, store.open("estimate_flow", flow), method, seed, channels, base))
+# args: method, seed, channels (the model's latent channels), base (the model's base noise: gp or white)
+STAGE = Stage("generate_noise", version="2",  # 2: a fresh GP draw per shot, streamed
+              inputs=("estimate_flow",),
+              identity=lambda a, _: {k: a[k] for k in ("method", "seed", "channels", "base")},
+              produce=lambda store, call, writer: produce(writer, store.open("estimate_flow", call.upstream["estimate_flow"]),
+                                                          *(call.args[k] for k in ("method", "seed", "channels", "base"))))

@@ -25,34 +25,34 @@ import torch
 import xarray as xr
 
 from ops import sampling
-from tasks._stage import run_stage, stage_key, store_for
+from tasks._stage import Stage, StageRecord, run_stage, store_for
 from tasks.models import get_model, model_identity
 
 WINDOW_STAGE = "sample_window"  # committed windows of unfinished sample artifacts
 
 
-def sample_key(noise: str, encode: str | None, flow: str, model: str, steps: int, guidance: float, max_batch,
-               guidance_space: str = "latent", text: dict | None = None, dtype: str = "float32",
-               tile: int | None = None, solver: dict | None = None, prepare: str | None = None) -> str:
-    """Content key of the clean latents; `tile` (latent cells, None = untiled) changes the numbers, a window doesn't.
+def _identity(a: dict, _options=None) -> dict:
+    """What makes the clean latents what they are: `tile` (latent cells, None = untiled) changes the numbers, a window,
+    the batch bound, the device and the executor don't. solver: a zero-shot solver's parameters
+    (flows.config.RestoreConfig.solver_params), whose measurement comes from the `prepare` artifact instead of encode."""
+    guidance = a["guidance"]
+    params = {"model": model_identity(a["model"]), "steps": a["steps"], "guidance": guidance, "schedule": "wavefront"}
+    if a.get("text"):  # prompt, negative prompt, cfg scale (text-conditioned checkpoints)
+        params["text"] = a["text"]
+    if a.get("dtype", "float32") != "float32":
+        params["dtype"] = a["dtype"]
+    if guidance > 0 and a.get("guidance_space", "latent") != "latent":  # unguided samples are the same in either space
+        params["guidance_space"] = a["guidance_space"]
+    if a.get("tile") is not None:
+        params["tile"] = a["tile"]
+    if a.get("solver"):
+        params["solver"] = dict(a["solver"])
+    return params
 
-    solver: a zero-shot solver's parameters (flows.config.RestoreConfig.solver_params); its measurement comes from
-    the `prepare` artifact instead of the encode stage's conditioning."""
-    params = {"model": model_identity(model), "steps": steps, "guidance": guidance, "schedule": "wavefront"}
-    if text:  # prompt, negative prompt, cfg scale (text-conditioned checkpoints)
-        params["text"] = text
-    if dtype != "float32":
-        params["dtype"] = dtype
-    if guidance > 0 and guidance_space != "latent":  # unguided samples are the same in either space
-        params["guidance_space"] = guidance_space
-    if tile is not None:
-        params["tile"] = tile
-    if solver:
-        if prepare is None:
-            raise ValueError("a zero-shot solver's sample key needs the prepare key (its measurement)")
-        params["solver"] = dict(solver)
-        return stage_key("sample", params, {"generate_noise": noise, "prepare": prepare, "estimate_flow": flow})
-    return stage_key("sample", params, {"generate_noise": noise, "encode": encode, "estimate_flow": flow})
+
+def _inputs(a: dict) -> tuple:
+    """Conditional sampling reads the encode stage's conditioning; a zero-shot solver its measurement (prepare)."""
+    return ("generate_noise", "prepare", "estimate_flow") if a.get("solver") else ("generate_noise", "encode", "estimate_flow")
 
 
 def window_key(key: str, span: tuple[int, int]) -> str:
@@ -100,7 +100,7 @@ class SamplerWorker:
 
         guidance_space 'pixel': guidance compares decoded predictions warped by the pixel flow ('latent': the
         latent predictions warped by the latent flow, as the paper). window: frames sampled at a time (None: all);
-        tile: latent tile side for MultiDiffusion tiles (None: whole frames); `key` must be `sample_key(...)` with
+        tile: latent tile side for MultiDiffusion tiles (None: whole frames); `key` must be `STAGE.key(...)` with
         the same tile. Returns the StageRecord fields; extra = {"windows": n, "windows_computed": [indices]}."""
         if guidance_space not in ("pixel", "latent"):
             raise ValueError(f"guidance_space must be 'pixel' or 'latent' here (resolve 'auto' first), got {guidance_space!r}")
@@ -182,14 +182,14 @@ class SamplerWorker:
     def solve(self, work_root: str, storage_options: dict, key: str, noise: str, flow: str, steps: int, guidance: float,
               solver: dict, prepare: str, task: str, seed: int) -> dict:
         """Zero-shot restoration of the whole video with the unconditional prior: ops.solvers.solve(solver["solver"])
-        on y and A of tasks.prepare.measurement, A applied to the decoded latents (A(decode(x))). source "video"
+        on y and A of tasks.degrade.measurement, A applied to the decoded latents (A(decode(x))). source "video"
         (dflow / dmplug) optimises the RFF weights of the noise stage's own GP draw (the same seed, so source(w0) is
         the stored gp noise) at the flow's chained latent positions. guidance > 0: self-guidance in latent space.
         Per-iteration / per-step losses go into the artifact as `history_<name>` arrays."""
         import numpy as np
 
         from ops import gp, solvers
-        from tasks.prepare import measurement
+        from tasks.degrade import measurement
 
         store = store_for(work_root, storage_options)
         params = dict(solver)
@@ -261,3 +261,70 @@ def sampler_pool(model_name: str, num_actors: int | None = None, device: str = "
     actor_device = "cuda" if device.startswith("cuda") else device
     return ModelActorPool(SamplerWorker, args=(model_name, None, actor_device, dtype), num_actors=num_actors,
                           num_gpus=num_gpus, progress_method="progress")
+
+
+class _Progress:
+    """Sampling progress to a tqdm bar and a Prefect progress artifact (of the sample task run)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="sampling", unit="tick")
+        self.artifact = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact = create_progress_artifact(progress=0.0, description="restore-video sampling")
+        except Exception:  # outside a flow or task run there is nowhere to publish it
+            self.artifact = None
+
+    def __call__(self, info: dict) -> None:
+        done, total = info.get("tick", 0), max(info.get("total_ticks", 0), 1)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+        if self.artifact is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact, progress=100.0 * done / total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def worker_request(store, call) -> dict:
+    """The SamplerWorker.sample keyword arguments of a sample call (artifact keys and numbers: no tensors)."""
+    a, up = call.args, call.upstream
+    request = dict(work_root=store.root_url, storage_options=store.storage_options, key=call.key, noise=up["generate_noise"],
+                   encode=up.get("encode"), flow=up["estimate_flow"], steps=a["steps"], guidance=a["guidance"],
+                   max_batch=a.get("max_batch"), guidance_space=a["guidance_space"], text=a.get("text"))
+    if a.get("solver"):
+        request.update(solver=a["solver"], zero_shot=dict(prepare=up["prepare"], task=a["task"], seed=a["seed"]))
+    for name in ("window", "tile"):  # only when the job needs them (None = all frames / whole frames: the default)
+        if a.get(name) is not None:
+            request[name] = a[name]
+    return request
+
+
+def _delegate(store, call, pool=None) -> StageRecord:
+    """Sample on the given actor pool, on a fresh Ray actor (`executor` 'ray'), or in-process ('inline'); the worker
+    publishes the artifact (window by window) itself."""
+    a = call.args
+    request = worker_request(store, call)
+    progress = _Progress(total=a["steps"])
+    try:
+        if pool is not None:
+            return StageRecord(**pool.submit("sample", progress=progress, **request))
+        if a.get("executor", "inline") == "inline":
+            worker = SamplerWorker(a["model"], device=a.get("device", "auto"), dtype=a.get("dtype", "float32"))
+            worker._external_callback = progress
+            return StageRecord(**worker.sample(**request))
+        with sampler_pool(a["model"], num_actors=1, device=a.get("device", "auto"), dtype=a.get("dtype", "float32")) as ray_pool:
+            return StageRecord(**ray_pool.submit("sample", progress=progress, **request))
+    finally:
+        progress.close()
+
+
+# args: model, steps, guidance, guidance_space (resolved: pixel | latent), text, dtype, tile (in the key); max_batch,
+# window, device, executor (not); zero-shot: solver (in the key), task, seed
+STAGE = Stage("sample", version="1", inputs=_inputs, identity=_identity, delegate=_delegate)

@@ -179,8 +179,8 @@ def _stand_in_restore(calls):
 
     from infra import tracking
     from storage.video import read_video
-    from tasks import flow as flow_stage
-    from tasks import prepare as prepare_stage
+    from tasks import optical_flow as flow_stage
+    from tasks import degrade as prepare_stage
     from tasks._stage import run_stage, run_stage_chunked, store_for
     from tasks.models import latent_factor, pad_multiple
 

@@ -9,7 +9,9 @@ import xarray as xr
 
 from ops import flow as flowops
 from ops import metrics
+from tasks import metrics as metrics_stage
 from tasks import outputs
+from tasks._stage import frame_chunks
 
 
 def _datasets(f=7, h=20, w=24, seed=0):
@@ -53,7 +55,7 @@ def test_streamed_metrics_equal_the_whole_video_formulas():
     for chunks in ({"frame": 1}, {"frame": 3}, {"frame": 2, "pair": 2}):  # lazy (dask) chunks of frames, as zarr gives
         lazy = [d.chunk({k: v for k, v in chunks.items() if k in d.dims}) for d in (restored, prepared, flows)]
         lat = xr.DataArray(latents, dims=("frame", "c", "ly", "lx")).chunk({"frame": chunks["frame"]})
-        got = outputs.compute_metrics(*lazy, lat)
+        got = metrics_stage.compute_metrics(*lazy, lat)
         for name, values in expected.items():
             np.testing.assert_allclose(got["per_frame"][name], values.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
         assert np.isclose(got["summary"]["flicker"], float(metrics.flicker(x)))
@@ -63,15 +65,15 @@ def test_streamed_metrics_equal_the_whole_video_formulas():
 def test_frame_chunks_follow_the_stored_chunks():
     restored, *_ = _datasets(f=7)
     lazy = restored["frames"].chunk({"frame": 3})
-    starts = [s for s, _ in outputs.frame_chunks(lazy)]
+    starts = [s for s, _ in frame_chunks(lazy)]
     assert starts == [0, 3, 6]
-    assert np.array_equal(np.stack(list(outputs.iter_frames(lazy))), restored["frames"].values)
+    assert np.array_equal(np.stack(list(outputs.stored_frames(lazy))), restored["frames"].values)
 
 
 def test_prepare_is_streamed_chunk_by_chunk_and_equals_the_whole_video(tmp_path):
     """prepare's result is lazy, one stored chunk of frames per task; stored, it equals preparing all frames at once."""
     from storage.artifacts import ArtifactStore
-    from tasks import prepare
+    from tasks import degrade as prepare
     from tests._clips import render
 
     frames = render(45, 37, 5)  # odd size: padded to the model's 32 px multiple

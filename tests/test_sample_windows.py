@@ -43,8 +43,14 @@ def write_inputs(work_root: str, frames: int = 8, size: int = 64) -> None:
         "latent_forward": (lpair, lfwd.float().numpy()), "latent_valid": (lpair[:3], lvalid.numpy())}))
 
 
+def sample_key(steps: int, guidance: float, space: str = "latent", tile=None) -> str:
+    """The sample stage's content key of these inputs (KEYS) and settings."""
+    args = {"model": MODEL, "steps": steps, "guidance": guidance, "guidance_space": space, "tile": tile}
+    return sample_stage.STAGE.key(args, {"generate_noise": KEYS["noise"], "encode": KEYS["encode"], "estimate_flow": KEYS["flow"]})
+
+
 def request(work_root: str, space: str = "latent", steps: int = 4, tile=None, guidance=1.0, **kw) -> dict:
-    key = sample_stage.sample_key(KEYS["noise"], KEYS["encode"], KEYS["flow"], MODEL, steps, guidance, None, space, tile)
+    key = sample_key(steps, guidance, space, tile)
     return dict(work_root=work_root, storage_options={}, key=key, steps=steps, guidance=guidance, guidance_space=space,
                 tile=tile, **KEYS, **kw)
 
@@ -83,8 +89,14 @@ def test_windowed_stage_equals_whole_video_and_reports_ticks_across_windows(tmp_
 
 
 def test_tile_is_part_of_the_sample_key():
-    keys = {sample_stage.sample_key("n", "e", "f", MODEL, 4, 1.0, None, "latent", tile) for tile in (None, 16, 32)}
+    keys = {sample_key(4, 1.0, "latent", tile) for tile in (None, 16, 32)}
     assert len(keys) == 3
+    # an execution choice is not: windows, the batch bound, the device and the executor
+    args = {"model": MODEL, "steps": 4, "guidance": 1.0, "guidance_space": "latent", "tile": None}
+    upstream = {"generate_noise": "n", "encode": "e", "estimate_flow": "f"}
+    same = {sample_stage.STAGE.key({**args, **extra}, upstream)
+            for extra in ({}, {"window": 2}, {"max_batch": 3}, {"device": "cuda"}, {"executor": "ray"})}
+    assert len(same) == 1
 
 
 _CHILD = textwrap.dedent("""

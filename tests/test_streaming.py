@@ -19,9 +19,9 @@ from tasks import _stage
 from tasks import decode as decode_stage
 from tasks import encode as encode_stage
 from tasks import extract as extract_stage
-from tasks import flow as flow_stage
+from tasks import optical_flow as flow_stage
 from tasks import noise as noise_stage
-from tasks import prepare as prepare_stage
+from tasks import degrade as prepare_stage
 from tasks.models import get_model, model_geometry, model_info, pad_multiple
 
 

@@ -83,12 +83,13 @@ def test_deblur_dflow_video_end_to_end_is_deterministic(clip, prior_dir, tmp_pat
 
 def test_sample_key_changes_with_solver_params():
     from flows.config import RestoreConfig
-    from tasks.sample import sample_key
+    from tasks.sample import STAGE
 
     def key(**kw):
         cfg = RestoreConfig(input="x.mp4", task="deblur", **kw)
-        return sample_key("n", None, "f", str(ROOT / "assets" / "models" / "vae-pca"), 2, 1.0, None,
-                          solver=cfg.solver_params(), prepare="p")
+        args = {"model": str(ROOT / "assets" / "models" / "vae-pca"), "steps": 2, "guidance": 1.0, "guidance_space": "latent",
+                "solver": cfg.solver_params()}
+        return STAGE.call(args, {"generate_noise": "n", "prepare": "p", "estimate_flow": "f"}).key
 
     keys = {key(solver="dflow"), key(solver="dflow", source="video"), key(solver="dflow", iterations=3),
             key(solver="dmplug"), key(solver="dps"), key(solver="dps", zeta=0.5), key(solver="dflow", lr=0.1)}
@@ -126,7 +127,7 @@ def test_conditional_model_for_a_zero_shot_solver_is_refused(clip, tmp_path, cap
 
 def test_benchmark_degradation_does_not_depend_on_chunking(clip):
     from storage.video import read_video
-    from tasks.prepare import prepare_frames
+    from tasks.degrade import prepare_frames
 
     frames, _ = read_video(clip)
     whole = prepare_frames(frames, "deblur", "benchmark", 8, seed=3)
@@ -141,12 +142,12 @@ def test_benchmark_degradation_does_not_depend_on_chunking(clip):
 
 @pytest.mark.parametrize("task, scale", [("sr4", 4), ("sr8", 8), ("deblur", 1), ("denoise", 1), ("inpaint", 1)])
 def test_measurement_operator_reproduces_the_prepared_degradation(clip, task, scale):
-    """y and A of tasks.prepare.measurement agree with the benchmark degradation: A(truth) ~ y (up to the noise
+    """y and A of tasks.degrade.measurement agree with the benchmark degradation: A(truth) ~ y (up to the noise
     level and uint8 rounding), and super-resolution inputs are 1/scale of the truth."""
     import xarray as xr
 
     from storage.video import read_video
-    from tasks.prepare import DEGRADATIONS, DIMS, measurement, prepare_frames
+    from tasks.degrade import DEGRADATIONS, DIMS, measurement, prepare_frames
 
     frames, _ = read_video(clip)
     mask = np.zeros((1, 48, 64), np.uint8)

@@ -23,21 +23,15 @@ import cv2
 import dask
 import numpy as np
 import torch
-from prefect import task
 
 from ops import flow as flowops
 from storage.artifacts import frame_slices
 from storage.video import pad_to_multiple
-from tasks._stage import StageRecord, batch_frames, retry_on_io_error, run_stage_chunked, stage_key, store_for
+from tasks._stage import Stage, batch_frames
 from tasks.models import model_geometry
 
 # Bytes per padded pixel of one frame across this stage's arrays (flows, masks, positions in float64 while chaining).
 _BYTES_PER_PIXEL = 64
-
-
-def flow_key(prepare: str, backend: str, factor: int | None = None, multiple: int | None = None) -> str:
-    """factor/multiple: the sampling model's latent factor and pad multiple (see `geometry_for`)."""
-    return stage_key("estimate_flow", {"backend": backend, "factor": factor, "multiple": multiple}, {"prepare": prepare})
 
 
 def pair_flow(src: np.ndarray, dst: np.ndarray, backend: str) -> np.ndarray:
@@ -156,14 +150,15 @@ def produce(writer, cond, backend: str, geometry: dict) -> None:
                          "padded_height": hp, "padded_width": wp, "cuts": cuts})
 
 
-@task(name="estimate_flow", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def estimate_flow(work_root: str, storage_options: dict, key: str, prepare: str, backend: str, factor: int | None = None,
-                  multiple: int | None = None) -> StageRecord:
-    """factor/multiple: as in `geometry_for` (None: the prepared task's default model)."""
-    store = store_for(work_root, storage_options)
+def _produce(store, call, writer) -> None:
+    prepared = store.open("prepare", call.upstream["prepare"])
+    a = call.args
+    produce(writer, prepared["cond"].data, a["backend"], geometry_for(prepared.attrs["task"], a.get("factor"), a.get("multiple")))
 
-    def produce_from_store(writer):
-        prepared = store.open("prepare", prepare)
-        produce(writer, prepared["cond"].data, backend, geometry_for(prepared.attrs["task"], factor, multiple))
 
-    return run_stage_chunked(store, "estimate_flow", key, produce_from_store)
+# args: backend; factor / multiple: the sampling model's latent factor and pad multiple (see `geometry_for`; None: the
+# prepared task's default model)
+STAGE = Stage("estimate_flow", version="2",  # 2: padded to the model's multiple, shot cuts, streamed
+              inputs=("prepare",),
+              identity=lambda a, _: {"backend": a["backend"], "factor": a.get("factor"), "multiple": a.get("multiple")},
+              produce=_produce)

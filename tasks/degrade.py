@@ -1,4 +1,4 @@
-"""Stage prepare (the DESIGN's `degrade`): build the model's conditioning frames, masks and, in benchmark mode,
+"""Stage `prepare` (the DESIGN's `degrade`; the stage keeps its name, so existing artifacts stay valid): build the model's conditioning frames, masks and, in benchmark mode,
 the ground truth. Frame sizes are padded (reflect, bottom/right) to the model's own multiple (latent factor x the
 denoiser's downsampling, `tasks.models.pad_multiple`) and cropped back at decode.
 
@@ -21,12 +21,12 @@ import math
 import numpy as np
 import torch
 import xarray as xr
-from prefect import task
 
 from ops import degrade
 from ops import operators
+from ops.images import to_float, to_uint8
 from storage.video import VideoError, pad_to_multiple, read_video
-from tasks._stage import StageRecord, retry_on_io_error, run_stage, stage_key, store_for
+from tasks._stage import Stage
 
 SR_FACTORS = {"sr8": 8, "sr4": 4}  # super-resolution tasks: output size / input size (a property of the task)
 
@@ -59,7 +59,7 @@ def measurement(task_name: str, prepared: xr.Dataset, frames: slice, device="cpu
     pixels; rows index y. sr8 / sr4: y = the low-res input, A = antialiased /8 or /4; inpaint: y = known pixels, A = mask;
     deblur: y = the blurred input, A = blur with the task's kernel; denoise: y = the input, A = identity."""
     def load(name):
-        return _to_float(np.asarray(prepared[name].isel(frame=frames).values)).to(device)  # (F, 3, H, W)
+        return to_float(np.asarray(prepared[name].isel(frame=frames).values)).to(device)  # (F, 3, H, W)
 
     if task_name in SR_FACTORS:
         return load("input"), lambda x, rows: operators.downsample(x, SR_FACTORS[task_name])
@@ -72,11 +72,6 @@ def measurement(task_name: str, prepared: xr.Dataset, frames: slice, device="cpu
     if task_name == "denoise":
         return load("cond"), lambda x, rows: x
     raise ValueError(f"task {task_name!r} has no measurement operator; expected sr8, inpaint, deblur or denoise")
-
-
-def prepare_key(extract: str, task_name: str, mode: str, seed: int, mask_ident: str | None, multiple: int) -> str:
-    return stage_key("prepare", {"task": task_name, "mode": mode, "seed": seed, "mask": mask_ident, "multiple": multiple},
-                     {"extract_frames": extract})
 
 
 def input_multiple(task_name: str, mode: str, multiple: int) -> int:
@@ -92,14 +87,6 @@ def input_multiple(task_name: str, mode: str, multiple: int) -> int:
 def output_scale(task_name: str, mode: str) -> int:
     """Output frame size / input frame size: the scale for SR restore, else 1."""
     return SR_FACTORS.get(task_name, 1) if mode == "restore" else 1
-
-
-def _to_float(frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (F, H, W, 3)
 
 
 def load_mask(url: str, frames: int, height: int, width: int, storage_options=None) -> np.ndarray:
@@ -142,7 +129,7 @@ def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int,
         padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
         if mode == "benchmark":
             data["truth"] = padded
-            data["cond"] = _to_uint8(degrade_frames(_to_float(padded), task_name, seed, start))
+            data["cond"] = to_uint8(degrade_frames(to_float(padded), task_name, seed, start))
         else:
             data["cond"] = padded
         data["input"] = data["cond"]
@@ -150,18 +137,18 @@ def prepare_frames(frames: np.ndarray, task_name: str, mode: str, multiple: int,
         scale = SR_FACTORS[task_name]
         if mode == "benchmark":
             truth, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
-            low = degrade.downsample(_to_float(truth), scale)  # (n, 3, H/s, W/s)
+            low = degrade.downsample(to_float(truth), scale)  # (n, 3, H/s, W/s)
             data["truth"] = truth
         else:
-            low = _to_float(pad_to_multiple(frames, input_multiple(task_name, mode, multiple))[0])  # (n, 3, h', w')
-        data["input"] = _to_uint8(low)
-        data["cond"] = _to_uint8(degrade.upsample(low, scale))  # (n, H, W, 3)
+            low = to_float(pad_to_multiple(frames, input_multiple(task_name, mode, multiple))[0])  # (n, 3, h', w')
+        data["input"] = to_uint8(low)
+        data["cond"] = to_uint8(degrade.upsample(low, scale))  # (n, H, W, 3)
     else:
         padded, _ = pad_to_multiple(frames, input_multiple(task_name, mode, multiple))
         holes = torch.from_numpy(np.broadcast_to(mask, (len(frames), *mask.shape[1:])).astype(np.float32))[:, None]  # (n, 1, H, W)
         if mode == "benchmark":
             data["truth"] = padded
-        data["cond"] = _to_uint8(degrade.apply_mask(_to_float(padded), holes))
+        data["cond"] = to_uint8(degrade.apply_mask(to_float(padded), holes))
         data["input"] = data["cond"]
         data["mask"] = holes[:, 0].numpy().astype(np.uint8)
     return data
@@ -214,9 +201,16 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
     return xr.Dataset(data, attrs=attrs)
 
 
-@task(name="prepare", retries=2, retry_delay_seconds=1, retry_condition_fn=retry_on_io_error)
-def prepare(work_root: str, storage_options: dict, key: str, extract: str, task_name: str, mode: str, seed: int, mask_url,
-            multiple: int) -> StageRecord:
-    store = store_for(work_root, storage_options)
-    return run_stage(store, "prepare", key, lambda: compute(store.open("extract_frames", extract, chunks=False), task_name, mode,
-                                                            seed, mask_url, storage_options, multiple))
+def _identity(args: dict, storage_options: dict) -> dict:
+    """task, mode, seed, the pad multiple and the mask file's identity (not its URL: a changed mask gets a new key)."""
+    from tasks.extract import source_identity
+
+    mask = source_identity(args["mask"], storage_options) if args.get("mask") else None
+    return {"task": args["task"], "mode": args["mode"], "seed": args["seed"], "mask": mask, "multiple": args["multiple"]}
+
+
+# args: task, mode, seed, mask (URL or None), multiple (the model's pad multiple)
+STAGE = Stage("prepare", version="1", inputs=("extract_frames",), identity=_identity,
+              compute=lambda store, call: compute(store.open("extract_frames", call.upstream["extract_frames"], chunks=False),
+                                                  call.args["task"], call.args["mode"], call.args["seed"], call.args.get("mask"),
+                                                  store.storage_options, call.args["multiple"]))
