@@ -271,11 +271,15 @@ class _Progress:
 
         self.bar = tqdm(total=total, desc="sampling", unit="tick")
         self.artifact = None
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if TaskRunContext.get() is None and FlowRunContext.get() is None:
+            return  # outside a flow or task run there is nowhere to publish it (and no server should start for it)
         try:
             from prefect.artifacts import create_progress_artifact
 
             self.artifact = create_progress_artifact(progress=0.0, description="restore-video sampling")
-        except Exception:  # outside a flow or task run there is nowhere to publish it
+        except Exception:  # the API is unreachable: the bar still shows progress
             self.artifact = None
 
     def __call__(self, info: dict) -> None:
