@@ -357,8 +357,10 @@ def compare(experiment: str, uri: str | None = None, fmt_name: str = "md", log_a
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from infra import tracking
+
     if uri:
-        mlflow.set_tracking_uri(uri)
+        tracking.use_tracking_uri(uri)
     client = MlflowClient()
     exp, parent = latest_parent(experiment, client)
     df = child_runs(exp.experiment_id, parent.info.run_id)

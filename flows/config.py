@@ -198,15 +198,3 @@ RUN_OPTIONS = ("input", "out", "work_root", "executor", "storage_options", "max_
 def result_fields() -> tuple[str, ...]:
     """RestoreConfig fields that change the restored frames."""
     return tuple(name for name in RestoreConfig.model_fields if name not in RUN_OPTIONS)
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out

@@ -374,10 +374,12 @@ def prepare_clips(name: str, input: str | None, work_root: str, frames: int | No
 
 
 def _float(frames):
-    import numpy as np
+    """uint8 frames (F, H, W, 3) -> float64 images (F, 3, H, W) in [0, 1]."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).double() / 255.0  # (F, 3, H, W)
+    from ops.images import to_float
+
+    return to_float(frames, torch.float64)
 
 
 def score(frames, truth=None, est=None, exact=None, latents=None, factor: int = 8, hole=None) -> dict:

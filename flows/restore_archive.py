@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import fsspec
 from prefect import flow
 
-from flows.config import DEFAULT_WORK_ROOT, RestoreConfig, flatten, result_fields
+from flows.config import DEFAULT_WORK_ROOT, RestoreConfig, result_fields
 from storage.artifacts import canonical_json, write_bytes_atomic
 from storage.names import list_videos, safe_output_name
 
@@ -103,7 +103,7 @@ def archive(
     with tracking.start_run(experiment="restore-archive", run_name=f"archive {input_prefix}",
                             tags={"input_prefix": input_prefix, "output_prefix": output_prefix},
                             uri=tracking.tracking_uri(work_root or DEFAULT_WORK_ROOT)) as parent:
-        tracking.log_config({"input_prefix": input_prefix, "output_prefix": output_prefix, **flatten(settings)})
+        tracking.log_config({"input_prefix": input_prefix, "output_prefix": output_prefix, **settings})  # flattened there
         if todo and executor == "ray":
             from tasks.sample import sampler_pool
 

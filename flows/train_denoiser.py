@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ except ImportError:  # bare training machines: the flow is then a plain function
 from ops.autoencoders import fit_pca_autoencoder, image_patches
 from ops.denoisers import EDMDenoiser, RestorationModel, build_unet
 from ops.training import degrade_batch, edm_loss, evaluate, make_noise, psnr, random_crops
+from infra.tracking import git_commit
 from storage import models as store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,25 +46,18 @@ PRIOR_EXCLUDED = ("astronaut",)
 PRIOR_EVAL_SIGMAS = (0.1, 0.5, 1.0, 2.0)  # latent sigmas of the held-out denoising PSNR (sigma_data = 1)
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def _mlflow(out: Path):
-    """mlflow module with the tracking URI set, or None when MLflow is not installed."""
+    """mlflow module with the tracking URI set (infra.tracking's: MLFLOW_TRACKING_URI, else sqlite next to `out`) and
+    the train-denoiser experiment active, or None when MLflow is not installed."""
     try:
         import mlflow
     except ImportError:
         return None
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(out).resolve().parent / 'mlflow.db')}"
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name("train-denoiser") is None:
-        base = Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else Path(out).resolve().parent
-        mlflow.create_experiment("train-denoiser", artifact_location=(base / "mlartifacts").resolve().as_uri())
-    mlflow.set_experiment("train-denoiser")
+    from infra import tracking
+
+    uri = tracking.tracking_uri(Path(out).resolve().parent)
+    tracking.use_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=tracking.ensure_experiment("train-denoiser", uri))
     return mlflow
 
 
@@ -99,7 +92,7 @@ def fit_vae(out: Path, seed: int = 0, latent_channels: int = LATENT_CHANNELS) ->
     card = {"name": VAE_NAME, "task": "vae", "noise": None, "autoencoder": ae.config(),
             "data": {"source": "skimage.data", "train": list(store.TRAIN_IMAGES), "heldout": list(store.HELDOUT_IMAGES),
                      "patches": int(sum(p.shape[0] for p in patches))},
-            "seed": seed, "steps": 0, "wall_time_s": round(time.time() - t0, 2), "device": "cpu", "git_commit": _git_commit()}
+            "seed": seed, "steps": 0, "wall_time_s": round(time.time() - t0, 2), "device": "cpu", "git_commit": git_commit(ROOT)}
     model = RestorationModel(ae, None, "vae", None, card=card, model_id=VAE_NAME)
     card["eval"], _ = evaluate(model, store.eval_views())
     store.save_model(model, out / VAE_NAME, card)
@@ -270,7 +263,7 @@ def train_one(task: str, noise: str, out: Path, steps: int = 2000, batch: int = 
     wall = wall0 + time.time() - t0
     _save_ckpt(ckpt, model, ema, opt, step, g_cpu, g_dev, losses, wall)
     card.update(steps=step, wall_time_s=round(wall, 1), device=str(torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
-                git_commit=_git_commit(), loss_curve=losses[:: max(1, len(losses) // 200)])
+                git_commit=git_commit(ROOT), loss_curve=losses[:: max(1, len(losses) // 200)])
     card["training"]["steps"] = step
     ema.card = card
     store.save_model(ema.cpu(), out / name, card)

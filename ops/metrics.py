@@ -54,11 +54,17 @@ def warping_error(
     return torch.where(count > 0, err, torch.full_like(err, float("nan")))
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image of (B, C, H, W) batches -> (B,) in dB."""
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image of (B, C, H, W) batches -> (B,) in dB; with `mask` (broadcastable to
+    (B, C, H, W), 1 = counted) over the masked pixels only."""
     if a.shape != b.shape:
         raise ValueError(f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    err = (a.double() - b.double()).pow(2)  # (B, C, H, W)
+    if mask is None:
+        mse = err.flatten(1).mean(1)
+    else:
+        m = mask.double().expand_as(err)
+        mse = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))
 
 

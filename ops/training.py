@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import degrade
 from .gp import gp_noise_torch
+from .metrics import psnr  # noqa: F401  (the training reports' PSNR is the metrics one)
 from .sampling import karras_sigmas, sample_euler
 
 
@@ -111,17 +112,6 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, steps: int = 32, sigm
     sigmas = karras_sigmas(steps, sigma_min or model.sigma_min, sigma_max or model.sigma_max).to(noise.device)
     x = noise * sigmas[0].to(noise.dtype)
     return sample_euler(lambda x, s, c: model.denoise(x, s, c), x, sigmas.to(noise.dtype), cond)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PSNR in dB per image of [0, 1] images (B, 3, H, W), optionally over mask = 1 pixels -> (B,)."""
-    err = (a - b) ** 2
-    if mask is None:
-        mse = err.mean((1, 2, 3))
-    else:
-        m = mask.expand_as(err)
-        mse = (err * m).sum((1, 2, 3)) / m.sum((1, 2, 3)).clamp_min(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
 def mean_gradient(images: torch.Tensor) -> torch.Tensor:

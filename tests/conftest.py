@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from infra._proc import free_port
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -15,13 +16,6 @@ _AWS_ENV = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def _free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +27,7 @@ def s3_server():
     with pytest.MonkeyPatch.context() as mp:
         for k, v in _AWS_ENV.items():
             mp.setenv(k, v)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
         server.start()
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from ops import metrics
+from ops.images import to_float
 from storage.artifacts import MARKER, ArtifactStore, artifact_key, read_json, write_json_atomic
 from storage.names import list_videos, safe_output_name
 from storage.sample import render_sample_frames, sample_clip_affines, true_backward_flow
@@ -19,9 +21,8 @@ from storage.video import VideoError, crop_to, pad_to_multiple, probe_video, rea
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of uint8 arrays."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 10 * np.log10(255.0**2 / mse)
+    """PSNR in dB of two uint8 videos (F, H, W, 3) taken as one signal."""
+    return float(metrics.psnr(to_float(a).reshape(1, -1), to_float(b).reshape(1, -1)))
 
 
 def noise_frames(f=5, h=33, w=47, seed=0) -> np.ndarray:

@@ -12,6 +12,8 @@ import torch
 import xarray as xr
 
 from ops import flow as flowops
+from ops import metrics
+from ops.images import to_float
 from ops import noise_warp
 from storage.artifacts import ArtifactStore
 from storage.video import write_video
@@ -73,7 +75,8 @@ def _decode(store, k, latents_key="s", model="sr8"):
 
 
 def _psnr(a, b) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+    """PSNR in dB of two uint8 videos (F, H, W, 3) taken as one signal."""
+    return float(metrics.psnr(to_float(a).reshape(1, -1), to_float(b).reshape(1, -1)))
 
 
 # ---------------------------------------------------------------- the model's own multiple
