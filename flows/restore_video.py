@@ -16,7 +16,7 @@ import uuid
 import fsspec
 from prefect import flow, get_run_logger
 
-from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, RestoreConfig, sample_clip_path
+from flows.config import Plan, RestoreConfig, RestoreSettings, RunOptions, parameters_from, plan, sample_clip_path, split_parameters
 from flows.preflight import preflight
 from storage.video import VideoError
 from tasks import decode as decode_stage
@@ -28,7 +28,7 @@ from tasks import outputs
 from tasks import prepare as prepare_stage
 from tasks import sample as sample_stage
 from tasks._stage import StageRecord, store_for
-from tasks.models import model_identity, model_info, resolve_guidance_space
+from tasks.models import model_identity, model_info
 
 STAGES = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "sample", "decode", "metrics")
 
@@ -105,61 +105,80 @@ def run_sampling(cfg: RestoreConfig, request: dict, pool=None) -> StageRecord:
         progress.close()
 
 
-def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
+def derive_keys(cfg: RestoreConfig, tile: int | None = None, p: Plan | None = None) -> dict:
     """Every stage's content key from the settings alone (keys hash parameters and upstream keys, never data), in one
-    place for restore() and bench.memory. Also `_model` (model_info incl. the pad multiple, base noise) and `_space` (guidance)."""
+    place for restore() and bench.memory. Also `_plan` (flows.config.Plan: what the run does, decided once), `_model`
+    (model_info incl. the pad multiple, base noise) and `_space` (the guidance space the sampler is given)."""
     opts = cfg.storage_options
-    model = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
-    if not cfg.zero_shot and model["task"] != cfg.task:
-        raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    model = {**model, "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
-    space = "latent" if cfg.zero_shot else resolve_guidance_space(cfg.guidance_space, model)
+    info = model_info(cfg.model_name)  # from the card / configs: a fully cached run never loads the network
+    p = p or plan(cfg, info)
+    model = {**info, "base": p.base_noise, "multiple": p.multiple, "factor": p.factor}
     mask_ident = extract_stage.source_identity(cfg.mask, opts) if cfg.mask else None
     k = {"extract_frames": extract_stage.extract_key(cfg.input, cfg.frame_range, opts)}
-    k["prepare"] = prepare_stage.prepare_key(k["extract_frames"], cfg.task, cfg.mode, cfg.seed, mask_ident, model["multiple"])
-    k["estimate_flow"] = flow_stage.flow_key(k["prepare"], cfg.flow_backend, model["factor"])
+    k["prepare"] = prepare_stage.prepare_key(k["extract_frames"], cfg.task, cfg.mode, cfg.seed, mask_ident, p.multiple)
+    k["estimate_flow"] = flow_stage.flow_key(k["prepare"], cfg.flow_backend, p.factor)
     # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
-    k["encode"] = None if cfg.zero_shot else encode_stage.encode_key(k["prepare"], cfg.model_name, cfg.dtype)
-    k["generate_noise"] = noise_stage.noise_key(k["estimate_flow"], cfg.noise_method, cfg.seed, model["latent_channels"],
-                                                model["base"])
+    k["encode"] = None if p.zero_shot else encode_stage.encode_key(k["prepare"], cfg.model_name, cfg.dtype)
+    k["generate_noise"] = noise_stage.noise_key(k["estimate_flow"], p.noise_method, cfg.seed, p.latent_channels,
+                                                p.base_noise)
     k["sample"] = sample_stage.sample_key(k["generate_noise"], k["encode"], k["estimate_flow"], cfg.model_name, cfg.steps,
-                                          cfg.guidance_strength, cfg.max_batch, space, cfg.text, cfg.dtype, tile=tile,
+                                          p.guidance, cfg.max_batch, p.sample_space, cfg.text, cfg.dtype, tile=tile,
                                           solver=cfg.solver_params(), prepare=k["prepare"])
     k["decode"] = decode_stage.decode_key(k["sample"], k["prepare"], cfg.model_name, cfg.dtype)
     k["metrics"] = outputs.metrics_key(k["decode"], k["prepare"], k["estimate_flow"], k["sample"])
-    return {**k, "_model": model, "_space": space}
+    return {**k, "_plan": p, "_model": model, "_space": p.sample_space}
 
 
-def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> dict:
-    """Run every stage for one video; returns the metrics.json report."""
+def per_run_out(input_url: str, method: str, run_id: str | None = None) -> str:
+    """Where a run writes when no --out is given: `{RESTORE_VIDEO_OUT_ROOT or out}/{input stem}-{method}-{run id}`,
+    one folder per run (the Prefect flow run's id inside a flow run, else a fresh one): runs never overwrite each other."""
+    root = os.environ.get("RESTORE_VIDEO_OUT_ROOT", "out").rstrip("/")
+    return f"{root}/{input_stem(input_url)}-{method}-{str(run_id or uuid.uuid4().hex).replace('-', '')[:8]}"
+
+
+def input_stem(url: str) -> str:
+    """The file name of an input URL without its extension (and without credentials): `s3://b/x/clip.mp4` -> clip."""
+    from infra.tracking import scrub
+
+    return os.path.splitext(os.path.basename(scrub(url).rstrip("/")))[0] or "input"
+
+
+def restore(cfg: RestoreConfig | RestoreSettings, options: RunOptions | None = None, pool=None,
+            parent_run_id: str | None = None) -> dict:
+    """Run every stage for one video; returns the metrics.json report. `cfg`: a RestoreConfig, or the RestoreSettings
+    with `options`. Without an `out`, the outputs go to `per_run_out`."""
     from infra import tracking
 
+    if options is not None:
+        cfg = RestoreConfig.of(cfg, options)
+    if cfg.out is None:
+        cfg = cfg.model_copy(update={"out": per_run_out(cfg.input, cfg.method, tracking._flow_run_id())})
     logger = _logger()
     opts = cfg.storage_options
     t_total = time.perf_counter()
-    if cfg.zero_shot and (task := model_info(cfg.model_name)["task"]) != "prior":  # before any work
-        raise ValueError(f"--solver {cfg.solver} needs an unconditional prior; model {cfg.model_name!r} was trained for "
-                         f"task {task!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
-    plan = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
-    print(plan.summary(), file=sys.stderr, flush=True)
-    logger.info(plan.summary())
+    p = plan(cfg, model_info(cfg.model_name))  # decided once; also checks that the model fits, before any work
+    estimate = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
+    if tracking._flow_run_id() is None:  # inside a flow run the logger reaches the console and the API
+        print(estimate.summary(), file=sys.stderr, flush=True)
+    logger.info(estimate.summary())
     check_output_writable(cfg.out, opts)
     with tracking.restoration_run(
         os.environ.get("RESTORE_VIDEO_EXPERIMENT", "restore-video"),
-        f"{os.path.basename(cfg.input)}:{cfg.method}",
+        f"{input_stem(cfg.input)}:{cfg.method}",
         params=cfg.model_dump(mode="json"),
         tags={"model": cfg.model_name, "method": cfg.method, "task": cfg.task, "input": cfg.input},
         uri=tracking.tracking_uri(cfg.work_root),
         parent_run_id=parent_run_id,
         weights_hash=str(model_identity(cfg.model_name).get("weights")),
         input_url=cfg.input,
+        storage_options=opts,
     ) as run:  # opened before the stages: running and failed restorations show up too
         store = store_for(cfg.work_root, opts)
         records: dict[str, StageRecord] = {}
 
         # 1-2. frames and conditioning
-        k = derive_keys(cfg, plan.tile)  # every stage's content key, from the settings alone
-        model, space = k.pop("_model"), k.pop("_space")
+        k = derive_keys(cfg, estimate.tile, p)  # every stage's content key, from the settings alone
+        _, model, space = k.pop("_plan"), k.pop("_model"), k.pop("_space")
         records["extract_frames"] = extract_stage.extract_frames(cfg.work_root, opts, k["extract_frames"], cfg.input, cfg.frame_range)
         records["prepare"] = prepare_stage.prepare(cfg.work_root, opts, k["prepare"], k["extract_frames"], cfg.task, cfg.mode,
                                                    cfg.seed, cfg.mask, model["multiple"])
@@ -171,23 +190,23 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
             records["encode"] = encode_stage.encode(cfg.work_root, opts, k["encode"], k["prepare"], cfg.model_name, cfg.device,
                                                     cfg.dtype)
         records["generate_noise"] = noise_stage.generate_noise(cfg.work_root, opts, k["generate_noise"], k["estimate_flow"],
-                                                               cfg.noise_method, cfg.seed, model["latent_channels"], model["base"])
+                                                               p.noise_method, cfg.seed, p.latent_channels, p.base_noise)
         # 6. sampling (the expensive stage)
         k_sample = k["sample"]
         request = dict(work_root=cfg.work_root, storage_options=opts, key=k_sample, noise=k["generate_noise"], encode=k["encode"],
-                       flow=k["estimate_flow"], steps=cfg.steps, guidance=cfg.guidance_strength, max_batch=cfg.max_batch,
+                       flow=k["estimate_flow"], steps=cfg.steps, guidance=p.guidance, max_batch=cfg.max_batch,
                        guidance_space=space, text=cfg.text)
         if cfg.zero_shot:
             request.update(solver=cfg.solver_params(), zero_shot=dict(prepare=k["prepare"], task=cfg.task, seed=cfg.seed))
         # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
-        if plan.window < plan.frames:
-            request["window"] = plan.window
-        if plan.tile is not None:
-            request["tile"] = plan.tile
+        if estimate.window < estimate.frames:
+            request["window"] = estimate.window
+        if estimate.tile is not None:
+            request["tile"] = estimate.tile
         if store.exists("sample", k_sample):
             records["sample"] = StageRecord("sample", k_sample, True)
         else:
-            logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
+            logger.info(f"sampling {cfg.steps} steps, guidance {p.guidance} ({p.guidance_space} space), executor {cfg.executor}")
             records["sample"] = run_sampling(cfg, request, pool)
         # 7. decode
         records["decode"] = decode_stage.decode(cfg.work_root, opts, k["decode"], k_sample, k["prepare"], cfg.model_name,
@@ -205,16 +224,18 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
             "method": cfg.method,
             "mode": cfg.mode,
             "model": cfg.model_name,
-            "guidance_space": space if cfg.guidance_strength > 0 else "none",
+            "guidance_space": p.guidance_space,
             "frames": int(restored.sizes["frame"]),
             "fps": fps,
-            "preflight": plan.to_dict(),
+            "preflight": estimate.to_dict(),
+            "plan": p.to_dict(),
             **computed["summary"],
             "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
             "cached": {name: r.cached for name, r in records.items()},
             "keys": {name: r.key for name, r in records.items()},
         }
         report["mlflow_run_id"] = run.info.run_id
+        report["mlflow_experiment_id"] = run.info.experiment_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
         times, start_s = outputs.source_times(cfg.input, cfg.frame_range[0], int(restored.sizes["frame"]), fps, opts)
         audio = cfg.input if extracted.attrs.get("info_has_audio") else None
@@ -243,45 +264,64 @@ def _logger():
         return logging.getLogger("restore-video")
 
 
-@flow(name="restore-video", log_prints=True)
-def restore_video(
-    input: str | None = None,
-    task: str = "sr8",
-    mode: str = "restore",
-    method: str = "warped-diffusion",
-    mask: str | None = None,
-    steps: int = 50,
-    guidance: float = 1.0,
-    guidance_space: str = "auto",
-    seed: int = 0,
-    model: str | None = None,
-    flow_backend: str = "dis",
-    frames: str | None = None,
-    out: str = "out",
-    work_root: str | None = None,
-    executor: str = "ray",
-    max_batch: int | None = None,
-    window: int | None = None,
-    tile: int | None = None,
-    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
-    device: str = "auto",
-    dtype: str = "float32",
-    prompt: str = "",
-    negative_prompt: str = "",
-    cfg: float = 1.0,
-    solver: str = "conditional",
-    source: str = "frame",
-    iterations: int = 20,
-    zeta: float = 1.0,
-    lr: float | None = None,
-) -> dict:
+FLOW_TIMEOUT_S = 24 * 3600  # a flow run that has not finished in a day is stuck (a long CPU restoration takes hours)
+
+
+def flow_run_name() -> str:
+    """`{input stem}:{method}` of the running flow run (Prefect's `flow_run_name`), e.g. `clip:warped-diffusion`."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    method = params.get("method") or RestoreSettings.model_fields["method"].default
+    return f"{input_stem(params.get('input') or sample_clip_path())}:{method}"
+
+
+@flow(name="restore-video", flow_run_name=flow_run_name, timeout_seconds=FLOW_TIMEOUT_S, log_prints=True)
+@parameters_from(RunOptions, RestoreSettings)
+def restore_video(**params) -> dict:
     """Restore one video: the input is the degraded clip (mode 'restore'; 'benchmark' degrades a ground truth
-    first). Default input: the embedded sample clip."""
-    params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
-                  guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
-                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels,
-                  device=device, dtype=dtype, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg,
-                  solver=solver, source=source, iterations=iterations, zeta=zeta, lr=lr)
-    if work_root:
-        params["work_root"] = work_root
-    return restore(RestoreConfig(**params))
+    first); default input: the embedded sample clip. Every parameter is a field of flows.config.RunOptions or
+    RestoreSettings. Without `out`, the outputs go to a folder of this flow run's own (out/{input}-{method}-{id}).
+    Publishes a markdown artifact `restore-video-summary` with the metrics, the outputs and the MLflow run."""
+    from infra.tracking import check_no_secrets
+
+    settings, options = split_parameters(params)
+    check_no_secrets(options.storage_options, "restore-video's storage_options parameter")  # Prefect stores parameters
+    if options.input is None:
+        options = options.model_copy(update={"input": ensure_sample_clip()})
+    report = restore(settings, options)
+    publish_summary(report)
+    return report
+
+
+def summary_markdown(report: dict) -> str:
+    """The run in markdown: what was restored, the metrics, the output URLs and the MLflow run (a link when a UI is
+    known: infra.tracking.run_url)."""
+    from infra.tracking import run_url
+
+    we = report["warping_error"]
+    rows = [("frames", report["frames"]), ("task / method", f"{report['task']} / {report['method']}"),
+            ("model", report["model"]), ("guidance space", report["guidance_space"]),
+            ("warping error, pixel (first / prev)", f"{we['pixel_first']:.5f} / {we['pixel_prev']:.5f}"),
+            ("warping error, latent (first / prev)", f"{we['latent_first']:.4f} / {we['latent_prev']:.4f}")]
+    if "psnr" in report:
+        rows.append(("PSNR / SSIM", f"{report['psnr']:.2f} dB / {report['ssim']:.4f}"))
+    cached = report["cached"]
+    rows += [("stages reused", f"{sum(cached.values())}/{len(cached)}"),
+             ("total time", f"{report['timings_s'].get('total', 0):.1f} s")]
+    url = run_url(report["mlflow_run_id"], report.get("mlflow_experiment_id", "0"), report["mlflow_tracking_uri"])
+    mlflow_line = (f"[{report['mlflow_run_id']}]({url})" if url else
+                   f"`{report['mlflow_run_id']}` (`mlflow ui --backend-store-uri {report['mlflow_tracking_uri']}`, then "
+                   f"#/experiments/{report.get('mlflow_experiment_id', '0')}/runs/{report['mlflow_run_id']})")
+    lines = ["# restore-video", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "## Outputs", "", *[f"- {name}: `{u}`" for name, u in report["outputs"].items()], "",
+             f"MLflow run: {mlflow_line}"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_summary(report: dict) -> None:
+    """`summary_markdown` as the flow run's markdown artifact `restore-video-summary`."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=summary_markdown(report), key="restore-video-summary",
+                             description=f"restore-video: {report['frames']} frames, {report['task']} / {report['method']}")
