@@ -64,7 +64,7 @@ def _keys(spec: dict) -> dict:
 
     cfg = RestoreConfig(**spec["config"])
     k = derive_keys(cfg)
-    model, space = k.pop("_model"), k.pop("_space")
+    _, model, space = k.pop("_plan"), k.pop("_model"), k.pop("_space")
     return {"keys": k, "cfg": cfg, "base": model["base"], "channels": model["latent_channels"], "space": space,
             "model": model}
 
