@@ -248,13 +248,10 @@ class Plan:
     noise_method: str  # gp | fixed | resample | nearest | bilinear | integral
     base_noise: str  # the model's training noise as the noise stage draws it: gp | white
     guidance: float  # self-guidance lambda as sampled; 0 = off
+    guided: bool  # is self-guidance on (the one place this is answered)
     guidance_space: str  # pixel | latent where guidance compares frames; "none" when it is off
     schedule: str  # wavefront (guided: frame j needs frame j-1's step) | parallel (unguided: all frames per step)
     zero_shot: bool
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance > 0
 
     @property
     def sample_space(self) -> str:
@@ -279,12 +276,13 @@ def plan(settings: RestoreSettings, info: dict) -> Plan:
         raise ValueError(f"model {name!r} was trained for task {info['task']!r}, not {settings.task!r}; pick a "
                          f"{settings.task} model")
     guidance = settings.guidance_strength
+    guided = guidance > 0
     # zero-shot solvers guide in latent space (their measurement already lives in pixels)
     space = "latent" if settings.zero_shot else resolve_guidance_space(settings.guidance_space, info)
     return Plan(model=name, factor=int(info["factor"]), multiple=int(info["multiple"]),
                 latent_channels=int(info["latent_channels"]), noise_method=settings.noise_method,
-                base_noise=info["noise"] if info.get("noise") in ("gp", "white") else "white", guidance=guidance,
-                guidance_space=space if guidance > 0 else "none", schedule="wavefront" if guidance > 0 else "parallel",
+                base_noise=info["noise"] if info.get("noise") in ("gp", "white") else "white", guidance=guidance, guided=guided,
+                guidance_space=space if guided else "none", schedule="wavefront" if guided else "parallel",
                 zero_shot=settings.zero_shot)
 
 

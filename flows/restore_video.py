@@ -157,7 +157,7 @@ def restore(cfg: RestoreConfig | RestoreSettings, options: RunOptions | None = N
     opts = cfg.storage_options
     t_total = time.perf_counter()
     p = plan(cfg, model_info(cfg.model_name))  # decided once; also checks that the model fits, before any work
-    estimate = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
+    estimate = preflight(cfg, plan=p)  # header probe + card arithmetic: refuses what cannot fit before anything is written
     if tracking._flow_run_id() is None:  # inside a flow run the logger reaches the console and the API
         print(estimate.summary(), file=sys.stderr, flush=True)
     logger.info(estimate.summary())
