@@ -90,27 +90,28 @@ def cmd_run(args) -> int:
     from flows.restore_video import restore_video
 
     try:
-        with _tracebacks_of(ValueError, hidden=True):  # the flow run's log keeps them; the terminal gets one line
+        with _console_quiet_about_exceptions():  # the flow run's log (API) keeps them; the terminal gets one copy
             report = restore_video(**params)
-    except ValueError as exc:  # bad input: VideoError and friends
+    except ValueError as exc:  # bad input: VideoError and friends -> one line with the cause
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # any other exception propagates: its traceback is printed once, by Python
     _print_report(report, args.json)
     return 0
 
 
 @contextlib.contextmanager
-def _tracebacks_of(kind: type[BaseException], hidden: bool = True):
-    """While the flow runs, Prefect's console handlers drop the records that carry a `kind` exception (the engine's
-    "Encountered exception" traceback and "Finished in state Failed"): the CLI prints that error once itself, and
-    the records still reach the API (the flow run's logs in the UI)."""
+def _console_quiet_about_exceptions():
+    """While the flow runs, the console handlers drop the records that carry an exception (the engine's
+    "Encountered exception" traceback) and the "Finished in state Failed" that follows: the CLI reports that
+    error once itself. The records still reach the API (the flow run's logs in the UI)."""
     import logging
 
     class _Drop(logging.Filter):
         hid_error = False
 
         def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], kind):
+            if record.exc_info and record.exc_info[1] is not None:
                 self.hid_error = True
                 return False
             return not (self.hid_error and "Finished in state Failed" in record.getMessage())
@@ -118,7 +119,7 @@ def _tracebacks_of(kind: type[BaseException], hidden: bool = True):
     # Prefect's console handler sits on the root logger (its own loggers propagate to it)
     handlers = [h for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")
                 for h in logging.getLogger(name).handlers
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)] if hidden else []
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     drop = _Drop()
     for h in handlers:
         h.addFilter(drop)

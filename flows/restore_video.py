@@ -283,10 +283,15 @@ def restore_video(**params) -> dict:
     first); default input: the embedded sample clip. Every parameter is a field of flows.config.RunOptions or
     RestoreSettings. Without `out`, the outputs go to a folder of this flow run's own (out/{input}-{method}-{id}).
     Publishes a markdown artifact `restore-video-summary` with the metrics, the outputs and the MLflow run."""
-    from infra.tracking import check_no_secrets
+    from infra.tracking import check_no_secrets, scrub
 
     settings, options = split_parameters(params)
     check_no_secrets(options.storage_options, "restore-video's storage_options parameter")  # Prefect stores parameters
+    for name in ("input", "out", "work_root"):
+        url = getattr(options, name)
+        if url and scrub(url) != url:
+            raise ValueError(f"{name} {scrub(url)!r} carries credentials in the URL, which Prefect would store with the "
+                             "run's parameters; put them in the environment or fsspec's config instead")
     if options.input is None:
         options = options.model_copy(update={"input": ensure_sample_clip()})
     report = restore(settings, options)
@@ -297,7 +302,7 @@ def restore_video(**params) -> dict:
 def summary_markdown(report: dict) -> str:
     """The run in markdown: what was restored, the metrics, the output URLs and the MLflow run (a link when a UI is
     known: infra.tracking.run_url)."""
-    from infra.tracking import run_url
+    from infra.tracking import run_url, scrub
 
     we = report["warping_error"]
     rows = [("frames", report["frames"]), ("task / method", f"{report['task']} / {report['method']}"),
@@ -316,7 +321,7 @@ def summary_markdown(report: dict) -> str:
     lines = ["# restore-video", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
              "## Outputs", "", *[f"- {name}: `{u}`" for name, u in report["outputs"].items()], "",
              f"MLflow run: {mlflow_line}"]
-    return "\n".join(lines) + "\n"
+    return scrub("\n".join(lines) + "\n")  # no credentials of a URL in an artifact
 
 
 def publish_summary(report: dict) -> None:

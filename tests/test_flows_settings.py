@@ -121,3 +121,13 @@ def test_run_url(monkeypatch):
     assert run_url("r1", "3", "sqlite:////tmp/mlflow.db") is None  # no UI known
     monkeypatch.setenv("RESTORE_VIDEO_MLFLOW_UI", "http://127.0.0.1:5001")
     assert run_url("r1", "3", "sqlite:////tmp/mlflow.db") == "http://127.0.0.1:5001/#/experiments/3/runs/r1"
+
+
+def test_flow_refuses_credentials_in_its_parameters():
+    from flows.restore_video import restore_video
+
+    with pytest.raises(ValueError, match=r"input 's3://\*\*\*@bucket/clip.mp4' carries credentials") as err:
+        restore_video.fn(input="s3://AKIAKEY:s3cr3t@bucket/clip.mp4")
+    assert "s3cr3t" not in str(err.value)
+    with pytest.raises(ValueError, match="must not hold credentials"):
+        restore_video.fn(input="clip.mp4", storage_options={"secret": "s3cr3t"})
