@@ -63,7 +63,7 @@ def _calls(spec: dict) -> tuple:
     from flows.restore_video import derive_calls
 
     cfg = RestoreConfig(**spec["config"])
-    calls, _, _ = derive_calls(cfg)
+    calls, _ = derive_calls(cfg)
     return calls, cfg
 
 

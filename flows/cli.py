@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,7 +14,6 @@ from flows.config import PROJECT_ROOT
 
 
 def _env_defaults() -> None:
-    os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -75,23 +75,59 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 
 def cmd_run(args) -> int:
+    """Validate the settings, then run the `restore-video` flow (on PREFECT_API_URL / the active profile's API, else
+    on Prefect's temporary local server). Bad input: one line `error: ...` with the cause, exit code 2."""
     from pydantic import ValidationError
 
     from flows.config import RestoreConfig
-    from flows.restore_video import restore
 
+    params = {"input": args.input, **_restore_params(args)}
     try:
-        cfg = RestoreConfig(input=args.input, **_restore_params(args))
+        RestoreConfig(**params)  # before a flow run exists: bad flags never reach Prefect
     except ValidationError as exc:
         print("error: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()), file=sys.stderr)
         return 2
+    from flows.restore_video import restore_video
+
     try:
-        report = restore(cfg)
-    except ValueError as exc:  # bad input: VideoError and friends
+        with _console_quiet_about_exceptions():  # the flow run's log (API) keeps them; the terminal gets one copy
+            report = restore_video(**params)
+    except ValueError as exc:  # bad input: VideoError and friends -> one line with the cause
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # any other exception propagates: its traceback is printed once, by Python
     _print_report(report, args.json)
     return 0
+
+
+@contextlib.contextmanager
+def _console_quiet_about_exceptions():
+    """While the flow runs, the console handlers drop the records that carry an exception (the engine's
+    "Encountered exception" traceback) and the "Finished in state Failed" that follows: the CLI reports that
+    error once itself. The records still reach the API (the flow run's logs in the UI)."""
+    import logging
+
+    class _Drop(logging.Filter):
+        hid_error = False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and record.exc_info[1] is not None:
+                self.hid_error = True
+                return False
+            return not (self.hid_error and "Finished in state Failed" in record.getMessage())
+
+    # Prefect's console handler sits on the root logger (its own loggers propagate to it)
+    handlers = [h for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")
+                for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    drop = _Drop()
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 def cmd_demo(args) -> int:
@@ -127,10 +163,12 @@ def cmd_serve(args) -> int:
     from flows.config import DEFAULT_WORK_ROOT
 
     home = PROJECT_ROOT / ".prefect-server"
-    with PrefectServer(home, ui=True) as server:
-        env = {**server.env(), "RESTORE_VIDEO_ROOT": str(PROJECT_ROOT), "RAY_AUTH_MODE": "disabled"}
+    with PrefectServer(home, ui=True) as server, MlflowUI(DEFAULT_WORK_ROOT) as ui:
+        # RESTORE_VIDEO_MLFLOW_UI: flow runs link their summary artifact to their run on this UI
+        env = {**server.env(), "RESTORE_VIDEO_ROOT": str(PROJECT_ROOT), "RAY_AUTH_MODE": "disabled",
+               "RESTORE_VIDEO_MLFLOW_UI": ui.url}
         deploy_all(str(PROJECT_ROOT), env)
-        with ProcessWorker("restore-video-pool", env, cwd=str(PROJECT_ROOT)), MlflowUI(DEFAULT_WORK_ROOT) as ui:
+        with ProcessWorker("restore-video-pool", env, cwd=str(PROJECT_ROOT)):
             _serve_forever(server, ui)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,20 +27,51 @@ def sample_clip_path() -> str:
     return str(PROJECT_ROOT / "assets" / "sample" / "sample_256.mp4")
 
 
-class RestoreConfig(BaseModel):
-    """Everything that determines a restoration; the whole object is logged to MLflow as params."""
+class RunOptions(BaseModel):
+    """Where and how a restoration runs: none of these change the restored frames (not part of its identity)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str = Field(description="video URL: local path or any fsspec URL (s3://, file://, ...)")
-    task: Literal["sr8", "sr4", "inpaint", "deblur", "denoise"] = Field(
+    input: str | None = Field(None, description="video URL: local path or any fsspec URL (s3://, file://, ...); "
+                              "None: the embedded sample clip")
+    out: str | None = Field(None, description="output directory URL; None: a folder of its own per run, "
+                            "{RESTORE_VIDEO_OUT_ROOT or out}/{input}-{method}-{run id} (runs never overwrite each other)")
+    work_root: str = Field(DEFAULT_WORK_ROOT, description="artifact cache root URL")
+    executor: Literal["ray", "inline"] = Field("ray", description="ray: sample on a Ray actor (RAY_ADDRESS for a cluster); "
+                                               "inline: in this process")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs (no credentials: "
+                                  "those come from the environment or fsspec's config)")
+    max_batch: int | None = Field(None, ge=1, description="largest wavefront batch (memory bound); None = all active frames")
+    window: int | None = Field(None, ge=2, description="frames sampled per temporal window; None = chosen by preflight "
+                               "from the memory estimate (all frames when they fit)")
+    log_videos: bool = Field(False, description="also copy restored.mp4 and comparison.mp4 into the MLflow run's "
+                             "artifacts (doubles their disk use; off: metrics.json, plots and config only)")
+    max_output_pixels: int = Field(DEFAULT_MAX_OUTPUT_PIXELS, ge=1, description="largest output frame (width x height) "
+                                   "preflight accepts; raise it to restore larger targets on purpose")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N: where encode, sample and decode run")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
+            return value
+        raise ValueError(f"unknown device {value!r}; expected auto, cpu, cuda or cuda:N")
+
+
+class RestoreSettings(BaseModel):
+    """Everything that changes the restored frames: `model_dump()` is the identity of a restoration (restore-archive's
+    "already restored with these settings", its manifest hash)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal[TASKS] = Field(
         "sr8", description="sr8 / sr4: super-resolution x8 / x4; inpaint: fill the holes of --mask; deblur / denoise: "
         "zero-shot only (--solver)")
     mode: Literal["restore", "benchmark"] = Field(
         "restore", description="restore: the input is the degraded video; benchmark: the input is ground truth, degraded first"
     )
-    method: str = Field("warped-diffusion", description="warped-diffusion (GP noise + self-guidance) or a noise-warping "
-                        "baseline: " + ", ".join(METHODS[1:]))
+    method: Literal[METHODS] = Field("warped-diffusion", description="warped-diffusion (GP noise + self-guidance) or a "
+                                     "noise-warping baseline: " + ", ".join(METHODS[1:]))
     mask: str | None = Field(None, description="inpaint, restore mode: mask image or video URL (white = hole)")
     steps: int = Field(50, ge=1, le=1000, description="sampler steps per frame")
     guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
@@ -51,21 +83,9 @@ class RestoreConfig(BaseModel):
     model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
     flow_backend: str = Field("dis", description="dis | farneback | shift:DX,DY (known integer/subpixel translation per frame)")
     frames: str | None = Field(None, description="frame range START:END (END exclusive), e.g. 0:16")
-    out: str = Field("out", description="output directory URL")
-    work_root: str = Field(DEFAULT_WORK_ROOT, description="artifact cache root URL")
-    executor: Literal["ray", "inline"] = Field("ray", description="ray: sample on a Ray actor (RAY_ADDRESS for a cluster); "
-                                               "inline: in this process")
-    max_batch: int | None = Field(None, ge=1, description="largest wavefront batch (memory bound); None = all active frames")
-    window: int | None = Field(None, ge=2, description="frames sampled per temporal window; None = chosen by preflight "
-                               "from the memory estimate (all frames when they fit)")
     tile: int | None = Field(None, ge=4, description="latent tile edge in latent pixels (8 frame pixels each for the "
                              "embedded models); None = chosen by preflight (whole frames when they fit)")
-    log_videos: bool = Field(False, description="also copy restored.mp4 and comparison.mp4 into the MLflow run's "
-                             "artifacts (doubles their disk use; off: metrics.json, plots and config only)")
-    max_output_pixels: int = Field(DEFAULT_MAX_OUTPUT_PIXELS, ge=1, description="largest output frame (width x height) "
-                                   "preflight accepts; raise it to restore larger targets on purpose")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for remote URLs")
-    solver: Literal["conditional", "dps", "dflow", "dmplug", "vipaint"] = Field(
+    solver: Literal[SOLVERS] = Field(
         "conditional", description="conditional: the task's conditionally trained model; dps | dflow | dmplug | vipaint: "
         "zero-shot with the unconditional prior (ops.solvers), the only way for deblur / denoise")
     source: Literal["frame", "video"] = Field(
@@ -74,22 +94,14 @@ class RestoreConfig(BaseModel):
     iterations: int = Field(20, ge=1, le=10000, description="dflow / dmplug / vipaint optimisation iterations")
     zeta: float = Field(1.0, gt=0.0, description="dps / vipaint measurement step size (DPS's zeta)")
     lr: float | None = Field(None, gt=0.0, description="dflow / dmplug / vipaint learning rate (None: the solver's default)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N: where encode, sample and decode run")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights/activations of the networks")
+    dtype: Literal[DTYPES] = Field("float32", description="weights/activations of the networks")
     prompt: str = Field("", description="text prompt (Stable Diffusion layouts); the empty prompt is encoded too")
     negative_prompt: str = Field("", description="negative prompt for classifier-free guidance (--cfg != 1)")
     cfg: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance scale (1 = the prompt alone)")
 
-    @field_validator("device")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_device(cls, value: str) -> str:
-        if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", value):
-            return value
-        raise ValueError(f"unknown device {value!r}; expected auto, cpu, cuda or cuda:N")
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
+    def _known_method(cls, value):
         if value not in METHODS:
             raise ValueError(f"unknown method {value!r}; expected one of {', '.join(METHODS)}")
         return value
@@ -115,7 +127,7 @@ class RestoreConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _inpaint_needs_mask(self):
+    def _consistent(self):
         if self.task == "inpaint" and self.mode == "restore" and not self.mask:
             raise ValueError("task 'inpaint' in restore mode needs --mask (an image or video URL, white = hole); "
                              "or use --mode benchmark to generate masks")
@@ -181,20 +193,128 @@ class RestoreConfig(BaseModel):
 
     @property
     def noise_method(self) -> str:
-        """The noise-warping method: warped-diffusion = gp noise + self-guidance."""
+        """The noise-warping method: warped-diffusion = gp noise + self-guidance (the one place this is decided)."""
         return "gp" if self.method == "warped-diffusion" else self.method
 
     @property
     def guidance_strength(self) -> float:
+        """Self-guidance lambda as sampled: warped-diffusion's `guidance`, 0 (off) for every baseline."""
         return self.guidance if self.method == "warped-diffusion" else 0.0
 
 
-# Fields that say where and how a restoration runs, not what it produces: everything else in RestoreConfig is the
-# restoration's identity (restore-archive's "already restored with these settings" and its manifest hash).
-RUN_OPTIONS = ("input", "out", "work_root", "executor", "storage_options", "max_batch", "window", "log_videos",
-               "max_output_pixels", "device")
+class RestoreConfig(RestoreSettings, RunOptions):
+    """One restoration as restore() takes it: its settings (`.settings`, the identity) + how it runs (`.options`).
+
+    Attribute access is flat (`cfg.task`, `cfg.out`); `RestoreConfig.of(settings, options)` combines the two models.
+    """
+
+    @model_validator(mode="after")
+    def _has_input(self):
+        if not self.input:
+            raise ValueError("input: a video URL is required (restore_video() falls back to the embedded sample clip)")
+        return self
+
+    @classmethod
+    def of(cls, settings: RestoreSettings, options: RunOptions) -> "RestoreConfig":
+        return cls(**settings.model_dump(), **options.model_dump())
+
+    @property
+    def settings(self) -> RestoreSettings:
+        return RestoreSettings(**self.model_dump(include=set(RestoreSettings.model_fields)))
+
+    @property
+    def options(self) -> RunOptions:
+        return RunOptions(**self.model_dump(include=set(RunOptions.model_fields)))
+
+
+# Fields that say where and how a restoration runs, not what it produces (RunOptions); every other field is the
+# restoration's identity (RestoreSettings).
+RUN_OPTIONS = tuple(RunOptions.model_fields)
 
 
 def result_fields() -> tuple[str, ...]:
-    """RestoreConfig fields that change the restored frames."""
-    return tuple(name for name in RestoreConfig.model_fields if name not in RUN_OPTIONS)
+    """RestoreConfig fields that change the restored frames: RestoreSettings' fields."""
+    return tuple(RestoreSettings.model_fields)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a restoration does, decided once from its settings and its model (`plan`): every stage reads it."""
+
+    model: str  # model name
+    factor: int  # pixels per latent cell of the autoencoder
+    multiple: int  # frame sizes the model takes are multiples of this (latent factor x UNet downsampling)
+    latent_channels: int
+    noise_method: str  # gp | fixed | resample | nearest | bilinear | integral
+    base_noise: str  # the model's training noise as the noise stage draws it: gp | white
+    guidance: float  # self-guidance lambda as sampled; 0 = off
+    guided: bool  # is self-guidance on (the one place this is answered)
+    guidance_space: str  # pixel | latent where guidance compares frames; "none" when it is off
+    schedule: str  # wavefront (guided: frame j needs frame j-1's step) | parallel (unguided: all frames per step)
+    zero_shot: bool
+
+    @property
+    def sample_space(self) -> str:
+        """The guidance space the sample stage is given (pixel | latent; 'latent' when unguided, as before)."""
+        return self.guidance_space if self.guided else "latent"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(settings: RestoreSettings, info: dict) -> Plan:
+    """Decide once, from the settings and the model's `tasks.models.model_info`: noise method and base noise, guidance
+    on/off and its space ('auto' resolved), the sampling schedule and the padding multiple. Raises ValueError when the
+    model does not fit the task (a conditional model of another task; a zero-shot solver without a prior)."""
+    from tasks.models import resolve_guidance_space
+
+    name = settings.model_name
+    if settings.zero_shot and info["task"] != "prior":
+        raise ValueError(f"--solver {settings.solver} needs an unconditional prior; model {name!r} was trained for "
+                         f"task {info['task']!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
+    if not settings.zero_shot and info["task"] != settings.task:
+        raise ValueError(f"model {name!r} was trained for task {info['task']!r}, not {settings.task!r}; pick a "
+                         f"{settings.task} model")
+    guidance = settings.guidance_strength
+    guided = guidance > 0
+    # zero-shot solvers guide in latent space (their measurement already lives in pixels)
+    space = "latent" if settings.zero_shot else resolve_guidance_space(settings.guidance_space, info)
+    return Plan(model=name, factor=int(info["factor"]), multiple=int(info["multiple"]),
+                latent_channels=int(info["latent_channels"]), noise_method=settings.noise_method,
+                base_noise=info["noise"] if info.get("noise") in ("gp", "white") else "white", guidance=guidance, guided=guided,
+                guidance_space=space if guided else "none", schedule="wavefront" if guided else "parallel",
+                zero_shot=settings.zero_shot)
+
+
+def parameters_from(*models: type[BaseModel]):
+    """Decorator: give a `**params` function one keyword parameter per field of `models`, typed as the field (with
+    its constraints: Prefect's schema shows enums, bounds and defaults) and documented by its description in a
+    Google-style `Args:` section (where Prefect reads parameter descriptions). The fields stay written once, in
+    the models; the function receives only the parameters it was given (the models fill in their defaults)."""
+    import inspect
+    from typing import Annotated
+
+    params, docs = [], []
+    for model in models:
+        for name, field in model.model_fields.items():
+            annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=field.get_default(call_default_factory=True)))
+            text = " ".join((field.description or name).split())
+            docs.append(f"    {name}: {text}")
+
+    def apply(fn):
+        fn.__signature__ = inspect.Signature(params)
+        fn.__doc__ = (inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(docs)).strip()
+        return fn
+
+    return apply
+
+
+def split_parameters(params: dict) -> tuple[RestoreSettings, RunOptions]:
+    """The (settings, options) of a flow's flat parameters (`parameters_from(RunOptions, RestoreSettings)`)."""
+    unknown = set(params) - set(RestoreSettings.model_fields) - set(RunOptions.model_fields)
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)}")
+    return (RestoreSettings(**{k: v for k, v in params.items() if k in RestoreSettings.model_fields}),
+            RunOptions(**{k: v for k, v in params.items() if k in RunOptions.model_fields}))

@@ -232,9 +232,12 @@ def available_memory() -> int:
     return 8 * GIB
 
 
-def preflight(cfg, available: int | None = None) -> Estimate:
-    """Probe the input (header only), estimate, check; returns the Estimate with the chosen window and tile."""
+def preflight(cfg, available: int | None = None, plan=None) -> Estimate:
+    """Probe the input (header only), estimate, check; returns the Estimate with the chosen window and tile.
+    `plan`: the run's flows.config.Plan (default: planned here from the settings and the model's card)."""
+    from flows.config import plan as plan_of
     from storage.video import probe_video
+    from tasks.models import model_info
 
     info = probe_video(cfg.input, storage_options=cfg.storage_options)
     start, stop = cfg.frame_range
@@ -247,7 +250,7 @@ def preflight(cfg, available: int | None = None) -> Estimate:
                              f"(its UNet downsamples by {step}); e.g. --tile {max(step, cfg.tile // step * step)}")
     avail = available_memory() if available is None else available
     est = estimate(spec, cfg.task, cfg.mode, info.width, info.height, frames, cfg.steps, avail, cfg.window, cfg.tile,
-                   cfg.max_batch, cfg.guidance_strength > 0)
+                   cfg.max_batch, (plan or plan_of(cfg, model_info(cfg.model_name))).guided)
     check(est, cfg.max_output_pixels, cfg.task, cfg.mode)
     return est
 

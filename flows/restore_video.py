@@ -16,13 +16,13 @@ import uuid
 import fsspec
 from prefect import flow, get_run_logger
 
-from flows.config import DEFAULT_MAX_OUTPUT_PIXELS, RestoreConfig, sample_clip_path
+from flows.config import Plan, RestoreConfig, RestoreSettings, RunOptions, parameters_from, plan, sample_clip_path, split_parameters
 from flows.preflight import preflight
 from storage.artifacts import write_json_atomic
 from storage.video import VideoError
 from tasks import metrics as metrics_stage
 from tasks._stage import StageCall, StageRecord, store_for
-from tasks.models import model_identity, model_info, resolve_guidance_space
+from tasks.models import model_identity, model_info
 from tasks.stages import ORDER, STAGES, run_task, timeout_s
 
 ARTIFACT_STAGES = tuple(name for name in ORDER if STAGES[name].artifact)  # those whose keys and `cached` the report lists
@@ -55,94 +55,105 @@ def ensure_sample_clip() -> str:
     return path
 
 
-def stage_args(cfg: RestoreConfig, model: dict, space: str, tile: int | None = None, window: int | None = None) -> dict:
-    """Every stage's arguments from the settings, in one place (each stage's `identity` picks what enters its key).
-    model: model_info plus `base` (the base noise); space: the resolved guidance space; tile / window: preflight's."""
-    zero_shot = cfg.zero_shot
+def stage_args(cfg: RestoreConfig, p: Plan, tile: int | None = None, window: int | None = None) -> dict:
+    """Every stage's arguments from the settings and the plan, in one place (each stage's `identity` picks what enters
+    its key). tile / window: preflight's (None = whole frames / all frames)."""
     args = {
         "extract_frames": {"input": cfg.input, "range": list(cfg.frame_range)},
-        "prepare": {"task": cfg.task, "mode": cfg.mode, "seed": cfg.seed, "mask": cfg.mask, "multiple": model["multiple"]},
-        "estimate_flow": {"backend": cfg.flow_backend, "factor": model["factor"], "multiple": None},  # prepare pads already
-        "generate_noise": {"method": cfg.noise_method, "seed": cfg.seed, "channels": model["latent_channels"],
-                           "base": model["base"]},
-        "sample": {"model": cfg.model_name, "steps": cfg.steps, "guidance": cfg.guidance_strength, "guidance_space": space,
+        "prepare": {"task": cfg.task, "mode": cfg.mode, "seed": cfg.seed, "mask": cfg.mask, "multiple": p.multiple},
+        "estimate_flow": {"backend": cfg.flow_backend, "factor": p.factor, "multiple": None},  # prepare pads already
+        "generate_noise": {"method": p.noise_method, "seed": cfg.seed, "channels": p.latent_channels,
+                           "base": p.base_noise},
+        "sample": {"model": cfg.model_name, "steps": cfg.steps, "guidance": p.guidance, "guidance_space": p.sample_space,
                    "text": cfg.text, "dtype": cfg.dtype, "tile": tile, "max_batch": cfg.max_batch, "window": window,
                    "device": cfg.device, "executor": cfg.executor},
         "decode": {"model": cfg.model_name, "dtype": cfg.dtype, "device": cfg.device},
         "metrics": {},
         "outputs": {"out": cfg.out, "input": cfg.input, "first_frame": cfg.frame_range[0]},
     }
-    if zero_shot:  # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
+    if p.zero_shot:  # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
         args["sample"].update(solver=cfg.solver_params(), task=cfg.task, seed=cfg.seed)
     else:
         args["encode"] = {"model": cfg.model_name, "dtype": cfg.dtype, "device": cfg.device}
     return args
 
 
-def plan_model(cfg: RestoreConfig) -> tuple[dict, str]:
-    """(model, guidance space): model_info (incl. the pad multiple) plus `base`, the base noise; read from the card or
-    configs, so a fully cached run never loads the network."""
-    model = model_info(cfg.model_name)
-    if not cfg.zero_shot and model["task"] != cfg.task:
-        raise ValueError(f"model {cfg.model_name!r} was trained for task {model['task']!r}, not {cfg.task!r}; pick a {cfg.task} model")
-    model = {**model, "base": model["noise"] if model["noise"] in ("gp", "white") else "white"}
-    space = "latent" if cfg.zero_shot else resolve_guidance_space(cfg.guidance_space, model)
-    return model, space
-
-
-def derive_calls(cfg: RestoreConfig, tile: int | None = None, window: int | None = None) -> tuple[dict[str, StageCall], dict, str]:
+def derive_calls(cfg: RestoreConfig, tile: int | None = None, window: int | None = None,
+                 p: Plan | None = None) -> tuple[dict[str, StageCall], Plan]:
     """Every stage's call (its content key computed once, from the settings alone: keys hash parameters and upstream
-    keys, never data) -> (calls by stage name, model, guidance space)."""
-    model, space = plan_model(cfg)
-    args = stage_args(cfg, model, space, tile, window)
+    keys, never data) -> (calls by stage name, the plan). The plan is read from the card or configs, so a fully
+    cached run never loads the network."""
+    p = p or plan(cfg, model_info(cfg.model_name))
+    args = stage_args(cfg, p, tile, window)
     calls: dict[str, StageCall] = {}
     for name in ORDER:
         if name in args:
             calls[name] = STAGES[name].call(args[name], {n: c.key for n, c in calls.items()}, cfg.storage_options)
-    return calls, model, space
+    return calls, p
 
 
-def derive_keys(cfg: RestoreConfig, tile: int | None = None) -> dict:
-    """Every artifact stage's content key (None: a stage this job skips), plus `_model` (model_info incl. the pad
-    multiple, base noise) and `_space` (guidance), for restore()'s callers that open its artifacts (bench.memory,
-    flows.experiments)."""
-    calls, model, space = derive_calls(cfg, tile)
+def derive_keys(cfg: RestoreConfig, tile: int | None = None, p: Plan | None = None) -> dict:
+    """Every artifact stage's content key (None: a stage this job skips), plus `_plan` (flows.config.Plan), `_model`
+    (model_info incl. the pad multiple, base noise) and `_space` (the guidance space the sampler is given), for
+    restore()'s callers that open its artifacts (bench.memory, flows.experiments)."""
+    calls, p = derive_calls(cfg, tile, p=p)
     keys = {name: calls[name].key if name in calls else None for name in ARTIFACT_STAGES}
-    return {**keys, "_model": model, "_space": space}
+    model = {**model_info(cfg.model_name), "base": p.base_noise, "multiple": p.multiple, "factor": p.factor}
+    return {**keys, "_plan": p, "_model": model, "_space": p.sample_space}
 
 
-def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> dict:
-    """Run every stage for one video, each as a Prefect task run; returns the metrics.json report."""
+def per_run_out(input_url: str, method: str, run_id: str | None = None) -> str:
+    """Where a run writes when no --out is given: `{RESTORE_VIDEO_OUT_ROOT or out}/{input stem}-{method}-{run id}`,
+    one folder per run (the Prefect flow run's id inside a flow run, else a fresh one): runs never overwrite each other."""
+    root = os.environ.get("RESTORE_VIDEO_OUT_ROOT", "out").rstrip("/")
+    return f"{root}/{input_stem(input_url)}-{method}-{str(run_id or uuid.uuid4().hex).replace('-', '')[:8]}"
+
+
+def input_stem(url: str) -> str:
+    """The file name of an input URL without its extension (and without credentials): `s3://b/x/clip.mp4` -> clip."""
+    from infra.tracking import scrub
+
+    return os.path.splitext(os.path.basename(scrub(url).rstrip("/")))[0] or "input"
+
+
+def restore(cfg: RestoreConfig | RestoreSettings, options: RunOptions | None = None, pool=None,
+            parent_run_id: str | None = None) -> dict:
+    """Run every stage for one video; returns the metrics.json report. `cfg`: a RestoreConfig, or the RestoreSettings
+    with `options`. Without an `out`, the outputs go to `per_run_out`."""
     from infra import tracking
 
+    if options is not None:
+        cfg = RestoreConfig.of(cfg, options)
+    if cfg.out is None:
+        cfg = cfg.model_copy(update={"out": per_run_out(cfg.input, cfg.method, tracking._flow_run_id())})
     logger = _logger()
     opts = cfg.storage_options
     t_total = time.perf_counter()
-    if cfg.zero_shot and (task := model_info(cfg.model_name)["task"]) != "prior":  # before any work
-        raise ValueError(f"--solver {cfg.solver} needs an unconditional prior; model {cfg.model_name!r} was trained for "
-                         f"task {task!r}: pick a prior model (e.g. prior-gp, `restore-video train --task prior`)")
-    plan = preflight(cfg)  # header probe + card arithmetic: refuses what cannot fit before anything is written
-    print(plan.summary(), file=sys.stderr, flush=True)
-    logger.info(plan.summary())
+    p = plan(cfg, model_info(cfg.model_name))  # decided once; also checks that the model fits, before any work
+    estimate = preflight(cfg, plan=p)  # header probe + card arithmetic: refuses what cannot fit before anything is written
+    if tracking._flow_run_id() is None:  # inside a flow run the logger reaches the console and the API
+        print(estimate.summary(), file=sys.stderr, flush=True)
+    logger.info(estimate.summary())
     check_output_writable(cfg.out, opts)
     with tracking.restoration_run(
         os.environ.get("RESTORE_VIDEO_EXPERIMENT", "restore-video"),
-        f"{os.path.basename(cfg.input)}:{cfg.method}",
+        f"{input_stem(cfg.input)}:{cfg.method}",
         params=cfg.model_dump(mode="json"),
         tags={"model": cfg.model_name, "method": cfg.method, "task": cfg.task, "input": cfg.input},
         uri=tracking.tracking_uri(cfg.work_root),
         parent_run_id=parent_run_id,
         weights_hash=str(model_identity(cfg.model_name).get("weights")),
         input_url=cfg.input,
+        storage_options=opts,
     ) as run:  # opened before the stages: running and failed restorations show up too
         store = store_for(cfg.work_root, opts)
         # Windows and tiles only when the job needs them (None = all frames / whole frames: the sampler's default).
-        calls, model, space = derive_calls(cfg, plan.tile, plan.window if plan.window < plan.frames else None)
-        timeout = timeout_s(plan.seconds)
+        calls, _ = derive_calls(cfg, estimate.tile, estimate.window if estimate.window < estimate.frames else None, p)
+        timeout = timeout_s(estimate.seconds)
         records: dict[str, StageRecord] = {}
         for name, call in calls.items():  # in ORDER; every stage a Prefect task run
             if name == "sample" and not store.exists("sample", call.key):
-                logger.info(f"sampling {cfg.steps} steps, guidance {cfg.guidance_strength} ({space} space), executor {cfg.executor}")
+                logger.info(f"sampling {cfg.steps} steps, guidance {p.guidance} ({p.guidance_space} space), executor {cfg.executor}")
             records[name] = run_task(call, cfg.work_root, opts, pool=pool if name == "sample" else None, timeout=timeout)
 
         computed = metrics_stage.read(store, calls["metrics"].key)
@@ -152,16 +163,18 @@ def restore(cfg: RestoreConfig, pool=None, parent_run_id: str | None = None) -> 
             "method": cfg.method,
             "mode": cfg.mode,
             "model": cfg.model_name,
-            "guidance_space": space if cfg.guidance_strength > 0 else "none",
+            "guidance_space": p.guidance_space,
             "frames": int(restored.sizes["frame"]),
             "fps": float(store.open("extract_frames", calls["extract_frames"].key).attrs["fps"]),
-            "preflight": plan.to_dict(),
+            "preflight": estimate.to_dict(),
+            "plan": p.to_dict(),
             **computed["summary"],
             "timings_s": {name: round(r.seconds, 3) for name, r in records.items()},
             "cached": {name: r.cached for name, r in records.items() if STAGES[name].artifact},
             "keys": {name: r.key for name, r in records.items() if STAGES[name].artifact},
         }
         report["mlflow_run_id"] = run.info.run_id
+        report["mlflow_experiment_id"] = run.info.experiment_id
         report["mlflow_tracking_uri"] = tracking.tracking_uri(cfg.work_root)
         urls = records["outputs"].extra["urls"]
         report["timings_s"]["total"] = round(time.perf_counter() - t_total, 3)
@@ -184,45 +197,69 @@ def _logger():
         return logging.getLogger("restore-video")
 
 
-@flow(name="restore-video", log_prints=True)
-def restore_video(
-    input: str | None = None,
-    task: str = "sr8",
-    mode: str = "restore",
-    method: str = "warped-diffusion",
-    mask: str | None = None,
-    steps: int = 50,
-    guidance: float = 1.0,
-    guidance_space: str = "auto",
-    seed: int = 0,
-    model: str | None = None,
-    flow_backend: str = "dis",
-    frames: str | None = None,
-    out: str = "out",
-    work_root: str | None = None,
-    executor: str = "ray",
-    max_batch: int | None = None,
-    window: int | None = None,
-    tile: int | None = None,
-    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
-    device: str = "auto",
-    dtype: str = "float32",
-    prompt: str = "",
-    negative_prompt: str = "",
-    cfg: float = 1.0,
-    solver: str = "conditional",
-    source: str = "frame",
-    iterations: int = 20,
-    zeta: float = 1.0,
-    lr: float | None = None,
-) -> dict:
+FLOW_TIMEOUT_S = 24 * 3600  # a flow run that has not finished in a day is stuck (a long CPU restoration takes hours)
+
+
+def flow_run_name() -> str:
+    """`{input stem}:{method}` of the running flow run (Prefect's `flow_run_name`), e.g. `clip:warped-diffusion`."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    method = params.get("method") or RestoreSettings.model_fields["method"].default
+    return f"{input_stem(params.get('input') or sample_clip_path())}:{method}"
+
+
+@flow(name="restore-video", flow_run_name=flow_run_name, timeout_seconds=FLOW_TIMEOUT_S, log_prints=True)
+@parameters_from(RunOptions, RestoreSettings)
+def restore_video(**params) -> dict:
     """Restore one video: the input is the degraded clip (mode 'restore'; 'benchmark' degrades a ground truth
-    first). Default input: the embedded sample clip."""
-    params = dict(input=input or ensure_sample_clip(), task=task, mode=mode, method=method, mask=mask, steps=steps,
-                  guidance=guidance, guidance_space=guidance_space, seed=seed, model=model, flow_backend=flow_backend, frames=frames, out=out,
-                  executor=executor, max_batch=max_batch, window=window, tile=tile, max_output_pixels=max_output_pixels,
-                  device=device, dtype=dtype, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg,
-                  solver=solver, source=source, iterations=iterations, zeta=zeta, lr=lr)
-    if work_root:
-        params["work_root"] = work_root
-    return restore(RestoreConfig(**params))
+    first); default input: the embedded sample clip. Every parameter is a field of flows.config.RunOptions or
+    RestoreSettings. Without `out`, the outputs go to a folder of this flow run's own (out/{input}-{method}-{id}).
+    Publishes a markdown artifact `restore-video-summary` with the metrics, the outputs and the MLflow run."""
+    from infra.tracking import check_no_secrets, scrub
+
+    settings, options = split_parameters(params)
+    check_no_secrets(options.storage_options, "restore-video's storage_options parameter")  # Prefect stores parameters
+    for name in ("input", "out", "work_root"):
+        url = getattr(options, name)
+        if url and scrub(url) != url:
+            raise ValueError(f"{name} {scrub(url)!r} carries credentials in the URL, which Prefect would store with the "
+                             "run's parameters; put them in the environment or fsspec's config instead")
+    if options.input is None:
+        options = options.model_copy(update={"input": ensure_sample_clip()})
+    report = restore(settings, options)
+    publish_summary(report)
+    return report
+
+
+def summary_markdown(report: dict) -> str:
+    """The run in markdown: what was restored, the metrics, the output URLs and the MLflow run (a link when a UI is
+    known: infra.tracking.run_url)."""
+    from infra.tracking import run_url, scrub
+
+    we = report["warping_error"]
+    rows = [("frames", report["frames"]), ("task / method", f"{report['task']} / {report['method']}"),
+            ("model", report["model"]), ("guidance space", report["guidance_space"]),
+            ("warping error, pixel (first / prev)", f"{we['pixel_first']:.5f} / {we['pixel_prev']:.5f}"),
+            ("warping error, latent (first / prev)", f"{we['latent_first']:.4f} / {we['latent_prev']:.4f}")]
+    if "psnr" in report:
+        rows.append(("PSNR / SSIM", f"{report['psnr']:.2f} dB / {report['ssim']:.4f}"))
+    cached = report["cached"]
+    rows += [("stages reused", f"{sum(cached.values())}/{len(cached)}"),
+             ("total time", f"{report['timings_s'].get('total', 0):.1f} s")]
+    url = run_url(report["mlflow_run_id"], report.get("mlflow_experiment_id", "0"), report["mlflow_tracking_uri"])
+    mlflow_line = (f"[{report['mlflow_run_id']}]({url})" if url else
+                   f"`{report['mlflow_run_id']}` (`mlflow ui --backend-store-uri {report['mlflow_tracking_uri']}`, then "
+                   f"#/experiments/{report.get('mlflow_experiment_id', '0')}/runs/{report['mlflow_run_id']})")
+    lines = ["# restore-video", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+             "## Outputs", "", *[f"- {name}: `{u}`" for name, u in report["outputs"].items()], "",
+             f"MLflow run: {mlflow_line}"]
+    return scrub("\n".join(lines) + "\n")  # no credentials of a URL in an artifact
+
+
+def publish_summary(report: dict) -> None:
+    """`summary_markdown` as the flow run's markdown artifact `restore-video-summary`."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=summary_markdown(report), key="restore-video-summary",
+                             description=f"restore-video: {report['frames']} frames, {report['task']} / {report['method']}")

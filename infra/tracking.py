@@ -30,7 +30,8 @@ from typing import Any, Iterable, Iterator, Mapping
 from infra._proc import free_port, release, spawn, stop_group, wait_http
 
 __all__ = ["tracking_uri", "use_tracking_uri", "start_run", "restoration_run", "log_config", "log_output_files", "redact", "scrub",
-           "is_secret_name", "check_no_secrets", "flatten", "log_series", "log_restoration", "git_commit", "source_tags", "MlflowUI", "ensure_experiment"]
+           "is_secret_name", "check_no_secrets", "flatten", "log_series", "log_restoration", "git_commit", "source_tags", "MlflowUI",
+           "ensure_experiment", "content_digest", "run_url"]
 
 MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: longer values are refused, so they are cut
 NEVER_RECORDED = ("storage_options",)  # whole subtrees never logged (fsspec options carry credentials)
@@ -227,8 +228,25 @@ def _flow_run_id() -> str | None:
         return None
 
 
-def _log_input(url: str) -> None:
-    """`mlflow.log_input` of the input video as a dataset (its source = the URL, credentials cut)."""
+def content_digest(url: str, storage_options: Mapping | None = None, chunk: int = 1 << 20) -> str | None:
+    """First 16 hex digits of the sha256 of the file's bytes (streamed), or None when it cannot be read."""
+    import hashlib
+
+    import fsspec
+
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    except (OSError, ValueError):
+        return None
+    return digest.hexdigest()[:16]
+
+
+def _log_input(url: str, storage_options: Mapping | None = None) -> None:
+    """`mlflow.log_input` of the input video as a dataset: its source = the URL (credentials cut), its digest = the
+    content's sha256 (`content_digest`), so runs on the same bytes share one dataset in the UI."""
     import warnings
 
     import mlflow
@@ -239,20 +257,31 @@ def _log_input(url: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways" for local paths
         source = resolve_dataset_source(safe)
-    mlflow.log_input(MetaDataset(source, name=os.path.basename(safe.rstrip("/")) or safe), context="input")
+    digest = content_digest(url, storage_options)
+    mlflow.log_input(MetaDataset(source, name=os.path.basename(safe.rstrip("/")) or safe,
+                                 **({"digest": digest} if digest else {})), context="input")
+
+
+def run_url(run_id: str, experiment_id: str, uri: str | None = None) -> str | None:
+    """The MLflow UI page of a run: on the tracking server when the tracking URI is http(s), else on the UI named by
+    RESTORE_VIDEO_MLFLOW_UI (`restore-video serve` sets it); None when no UI is known (a local sqlite store)."""
+    base = uri if uri and re.match(r"^https?://", uri) else os.environ.get("RESTORE_VIDEO_MLFLOW_UI")
+    if not base:
+        return None
+    return f"{scrub(base).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @contextlib.contextmanager
 def restoration_run(experiment: str, run_name: str | None = None, *, params: Mapping[str, Any] | None = None,
                     tags: Mapping[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None,
                     weights_hash: str | None = None, input_url: str | None = None,
-                    system_metrics: bool | None = None) -> Iterator:
+                    system_metrics: bool | None = None, storage_options: Mapping | None = None) -> Iterator:
     """The MLflow run of one restoration, opened when the flow starts; yields the ActiveRun.
 
     - params: `log_config(params)` (redacted, flattened) and the same dict as `config.json`;
     - tags: `mlflow.source.git.commit`, `weights_sha256` (when given), `prefect_flow_run_id` (inside a flow run),
       then `tags` (redacted);
-    - the input (`input_url`) as an MLflow dataset input;
+    - the input (`input_url`, read with `storage_options`) as an MLflow dataset input with its content digest;
     - system metrics (CPU, memory, GPU) when psutil is importable, unless `system_metrics=False`;
     - ends FINISHED; FAILED when the body raises, with tag `error` = "<Type>: <message>" (secrets scrubbed);
       KILLED on KeyboardInterrupt/SystemExit. The exception propagates.
@@ -284,7 +313,7 @@ def restoration_run(experiment: str, run_name: str | None = None, *, params: Map
         if params:
             log_config(params, run.info.run_id, artifact_file="config.json")
         if input_url:
-            _log_input(input_url)
+            _log_input(input_url, storage_options)
         yield run
     except BaseException as exc:
         from mlflow.tracking import MlflowClient

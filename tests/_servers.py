@@ -9,7 +9,7 @@ import time
 
 from infra._proc import free_port, stop_group, wait_http
 
-__all__ = ["free_port", "wait_http", "stop_group", "SUITE_ENV", "SERVICE_PATTERN", "marked_processes",
+__all__ = ["free_port", "wait_http", "stop_group", "SUITE_ENV", "SERVICE_PATTERN", "marked_processes", "read_runs",
            "stop_in_process_services", "wait_gone"]
 
 SUITE_ENV = "RESTORE_VIDEO_TEST_SUITE"  # its value: one id per pytest session
@@ -77,3 +77,29 @@ def stop_in_process_services() -> list[str]:
     _proc.stop_all()
     _proc.reap_children()  # what a command's install_cleanup() does at exit (Prefect's temporary servers)
     return held
+
+
+def read_runs(api_url: str) -> dict:
+    """Everything a Prefect server holds about its runs, as plain dicts: flow runs (id, name, state, parameters),
+    task runs (name, flow_run_id, state) and artifacts (key, type, data, flow_run_id)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            flow_runs = await client.read_flow_runs()
+            task_runs = await client.read_task_runs()
+            artifacts = await client.read_artifacts()
+        return {
+            "flow_runs": [{"id": str(r.id), "name": r.name, "state": r.state.type.value if r.state else None,
+                           "parameters": r.parameters, "deployment_id": str(r.deployment_id or "")} for r in flow_runs],
+            "task_runs": [{"name": r.name, "flow_run_id": str(r.flow_run_id or ""),
+                           "state": r.state.type.value if r.state else None} for r in task_runs],
+            "artifacts": [{"key": a.key, "type": a.type, "data": a.data, "flow_run_id": str(a.flow_run_id or "")}
+                          for a in artifacts],
+        }
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())

@@ -27,16 +27,24 @@ asyncio.run(main())
 
 
 @pytest.mark.slow
-def test_deploy_all_and_run_default_deployment(tmp_path, sample_clip):
+def test_deploy_all_and_run_default_deployment(tmp_path):
+    """`prefect deployment run restore-video/default --param input=...` restores the user's own clip (restore mode, 8x)
+    into a folder of the run's own, every stage a task run of the flow run."""
     import subprocess
     import sys
 
     import mlflow
 
+    from storage.sample import make_sample_clip
+    from storage.video import probe_video
+    from tests._servers import read_runs
+
+    clip = make_sample_clip(str(tmp_path / "old-film.mp4"), frames=4, size=16)
     work = tmp_path / "work"
     server_home = tmp_path / "prefect"
     with PrefectServer(server_home) as server:
         env = {**server.env(), "RESTORE_VIDEO_ROOT": str(ROOT), "RESTORE_VIDEO_WORK_ROOT": str(work),
+               "RESTORE_VIDEO_OUT_ROOT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1",
                "RAY_AUTH_MODE": "disabled", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
         deploy_all(str(ROOT), env)
         # the nightly archive deployment carries its cron schedule
@@ -45,12 +53,21 @@ def test_deploy_all_and_run_default_deployment(tmp_path, sample_clip):
         assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
         assert nightly["work_pool"] == "restore-video-pool" and nightly["parameters"]["concurrency"] == 1
         with ProcessWorker("restore-video-pool", env, cwd=str(ROOT)):
-            params = {"input": sample_clip, "mode": "benchmark", "frames": "0:4", "steps": 2, "out": str(tmp_path / "out"),
-                      "work_root": str(work), "executor": "inline"}
+            # the deployment names no defaults of its own: the user gives the input (+ what makes the test quick)
+            params = {"input": clip, "steps": 2, "executor": "inline"}
             state, flow_run_id = run_deployment("restore-video/default", params, env, timeout=300)
+        runs = read_runs(server.api_url)
     assert state == "COMPLETED"
-    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert report["frames"] == 4 and report["method"] == "warped-diffusion"
+    [flow_run] = runs["flow_runs"]
+    assert flow_run["id"] == flow_run_id and flow_run["name"] == "old-film:warped-diffusion"
+    assert {t["name"].rsplit("-", 1)[0] for t in runs["task_runs"]} >= {"extract_frames", "prepare", "estimate_flow",
+                                                                          "encode", "generate_noise", "decode"}
+    assert all(t["flow_run_id"] == flow_run_id for t in runs["task_runs"])
+    out = tmp_path / "out" / f"old-film-warped-diffusion-{flow_run_id.replace('-', '')[:8]}"
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["frames"] == 4 and report["method"] == "warped-diffusion" and report["mode"] == "restore"
+    restored, source = probe_video(str(out / "restored.mp4")), probe_video(clip)
+    assert (restored.width, restored.height) == (8 * source.width, 8 * source.height)  # the clip itself, at 8x
     mlflow.set_tracking_uri(report["mlflow_tracking_uri"])
     run = mlflow.get_run(report["mlflow_run_id"])
     assert run.data.tags["prefect_flow_run_id"] == flow_run_id
@@ -58,3 +75,4 @@ def test_deploy_all_and_run_default_deployment(tmp_path, sample_clip):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"warping_error.png", "metrics.json", "config.json"} <= artifacts
     assert "restored.mp4" not in artifacts  # videos stay in --out unless log_videos
+    assert any(a["key"] == "restore-video-summary" and a["flow_run_id"] == flow_run_id for a in runs["artifacts"])

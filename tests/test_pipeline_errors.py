@@ -70,7 +70,7 @@ def test_mask_size_mismatch(tmp_path, capsys, clip):
     assert code == 2 and "does not match" in err and "12x10" in err and not left
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--method", "magic", "unknown method 'magic'"), ("--task", "colorize", "task")])
+@pytest.mark.parametrize("flag,value,needle", [("--method", "magic", "invalid choice: 'magic'"), ("--task", "colorize", "task")])
 def test_unknown_method_or_task(tmp_path, capsys, clip, flag, value, needle):
     code, err, left = _run([clip, flag, value], tmp_path, capsys)
     assert code == 2 and needle in err and not left

@@ -42,7 +42,8 @@ def test_tiny_seeded_restoration_matches_the_recorded_numbers(tmp_path):
         clip = write_video(str(tmp_path / "clip.mkv"), render(32, 32, 2), 8, lossless=True)
         cfg = RestoreConfig(input=clip, model=str(model), mode="benchmark", steps=2, flow_backend="shift:1.5,0.5",
                             executor="inline", device="cpu", work_root=str(tmp_path / "work"))
-        calls, _, space = derive_calls(cfg)
+        calls, plan = derive_calls(cfg)
+        space = plan.sample_space
         store = store_for(cfg.work_root, {})
         for name, call in calls.items():
             if name == "sample":

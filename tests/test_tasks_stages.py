@@ -65,16 +65,16 @@ def test_keys_are_derived_once_and_execution_choices_stay_out_of_them(clip, tmp_
     from flows.restore_video import derive_calls, derive_keys
 
     base = dict(input=clip, work_root=str(tmp_path / "work"), mode="benchmark")
-    calls, model, space = derive_calls(RestoreConfig(**base))
-    assert tuple(calls) == ORDER and space == "pixel" and model["multiple"] == 32
+    calls, plan = derive_calls(RestoreConfig(**base))
+    assert tuple(calls) == ORDER and plan.sample_space == "pixel" and plan.multiple == 32
     for call in calls.values():  # each call reads exactly the keys derived for its upstream stages
         assert call.upstream == {n: calls[n].key for n in STAGES[call.stage].upstream_names(call.args)}
     keys = derive_keys(RestoreConfig(**base))
     assert {n: keys[n] for n in ORDER[:-1]} == {n: c.key for n, c in calls.items() if n != "outputs"}
     run_options = dict(device="cpu", executor="inline", max_batch=2, out=str(tmp_path / "elsewhere"))
-    moved, _, _ = derive_calls(RestoreConfig(**base, **run_options), window=2)
+    moved, _ = derive_calls(RestoreConfig(**base, **run_options), window=2)
     assert {n: c.key for n, c in moved.items() if n != "outputs"} == {n: c.key for n, c in calls.items() if n != "outputs"}
-    reseeded, _, _ = derive_calls(RestoreConfig(**base, seed=1))
+    reseeded, _ = derive_calls(RestoreConfig(**base, seed=1))
     assert [n for n in ORDER if reseeded[n].key != calls[n].key] == list(ORDER[1:])  # all but the frames
 
 
