@@ -21,7 +21,9 @@ async def main():
     async with get_client() as c:
         d = await c.read_deployment_by_name("restore-archive/nightly")
         print(json.dumps({"schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in d.schedules],
-                          "parameters": d.parameters, "work_pool": d.work_pool_name}))
+                          "parameters": d.parameters, "work_pool": d.work_pool_name,
+                          "limit": d.global_concurrency_limit.limit if d.global_concurrency_limit else None,
+                          "collision": str(d.concurrency_options.collision_strategy.value) if d.concurrency_options else None}))
 asyncio.run(main())
 """
 
@@ -44,6 +46,7 @@ def test_deploy_all_and_run_default_deployment(tmp_path, sample_clip):
         nightly = json.loads(r.stdout.strip().splitlines()[-1])
         assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
         assert nightly["work_pool"] == "restore-video-pool" and nightly["parameters"]["concurrency"] == 1
+        assert nightly["limit"] == 1 and nightly["collision"] == "ENQUEUE"  # overlapping nightly runs wait: one manifest writer
         with ProcessWorker("restore-video-pool", env, cwd=str(ROOT)):
             params = {"input": sample_clip, "mode": "benchmark", "frames": "0:4", "steps": 2, "out": str(tmp_path / "out"),
                       "work_root": str(work), "executor": "inline"}
