@@ -314,8 +314,8 @@ def test_archive_command_on_a_prefect_server(tmp_path):
     assert {t.flow_run_id for t in all_tasks} == {r.id for r in flow_runs}
     per_video = {r.id: sorted((t.name, t.state.type.value) for t in task_runs[r.id] if t.name.startswith("restore "))
                  for r in flow_runs}
-    assert per_video[flow_runs[0].id] == [("restore a clip.mp4", "COMPLETED"), ("restore b.mp4", "COMPLETED"),
-                                          ("restore broken.mp4", "FAILED")]
+    assert per_video[flow_runs[0].id] == [("restore a clip.mp4", "COMPLETED"), ("restore broken.mp4", "FAILED"),
+                                          ("restore sub - b.mp4", "COMPLETED")]
     assert per_video[flow_runs[1].id] == [("restore broken.mp4", "FAILED")]
     assert {t.name.split("-")[0] for t in task_runs[flow_runs[0].id]} >= {"extract_frames", "decode"}  # stages nested in it
     kinds = [a.type for a in artifacts[flow_runs[0].id]]
