@@ -76,7 +76,7 @@ class SamplerWorker:
         self.device = resolve_device(device or "auto")
         self.model_name = model_name
         self.model = get_model(model_name, self.device, dtype)
-        self._progress = {"tick": 0, "total_ticks": 0}
+        self._progress = {"tick": 0, "total_ticks": 0, "frames_done": 0}  # the schema of every report, polled or called back
         self._lock = threading.Lock()
 
     def progress(self) -> dict:
