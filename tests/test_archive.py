@@ -327,3 +327,14 @@ def test_archive_command_on_a_prefect_server(tmp_path):
         run_id = next(m["mlflow_run_id"] for m in manifest if Path(m["input"]).name == name)
         tags = mlflow.get_run(run_id).data.tags
         assert tags["prefect_flow_run_id"] == str(flow_runs[0].id) and tags["mlflow.parentRunId"] == first["mlflow_run_id"]
+
+
+def test_archive_command_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    (tmp_path / "in").mkdir()
+    assert main(["archive", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err
+    assert main(["archive", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--concurrency", "0"]) == 2
+    assert "--concurrency must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
