@@ -249,14 +249,14 @@ def archive(
     pool = None
     with tracking.start_run(experiment="restore-archive", run_name=f"archive {input_prefix}",
                             tags={"input_prefix": input_prefix, "output_prefix": output_prefix,
-                                  **({"prefect_flow_run_id": fr} if (fr := _flow_run_id()) else {})},
+                                  **({"prefect_flow_run_id": fr} if (fr := tracking._flow_run_id()) else {})},
                             uri=tracking.tracking_uri(base.work_root)) as parent:
         tracking.log_config({"input_prefix": input_prefix, "output_prefix": output_prefix, **flatten(settings)})
         if todo and base.executor == "ray":
             from tasks.sample import sampler_pool
 
             pool = sampler_pool(base.model_name, actors, base.device, base.dtype)  # lazy: bad videos never start Ray
-        if todo and concurrency > 1 and _flow_run_id() is None:
+        if todo and concurrency > 1 and tracking._flow_run_id() is None:
             _api_ready()  # outside a flow run: one temporary Prefect server, not raced for by the worker threads
         try:
             # Prefect's own concurrency: at most `concurrency` task runs at once, each in this flow run's context
@@ -290,12 +290,6 @@ def archive(
                "mlflow_run_id": parent.info.run_id, "rows": rows}
     _table_artifact(rows)
     return summary
-
-
-def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
-    return flow_run.get_id()
 
 
 def _api_ready() -> None:
