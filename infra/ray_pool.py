@@ -122,8 +122,9 @@ class ModelActorPool:
     - Lazy: Ray and the actors start on the first call (`start()` to start them now), so work that never
       reaches the pool never pays for it.
     - Resources come from the cluster (`ray.cluster_resources()`), not from the driver's hardware: one GPU per
-      actor when the cluster has GPUs (override `num_gpus`); `num_cpus` default = 1 per GPU actor, else the
-      cluster's CPUs shared among the actors; torch threads in the actor = `torch_threads` or its CPU count (Ray
+      actor when the cluster has GPUs (override `num_gpus`); `num_actors=None`: one actor per GPU of the cluster
+      (1 on a CPU cluster), decided at start; `num_cpus` default = 1 per GPU actor, else the cluster's CPUs shared
+      among the actors; torch threads in the actor = `torch_threads` or its CPU count (Ray
       would otherwise leave OMP_NUM_THREADS=1).
     - A clear `ActorPlacementError` at once when no alive node has the resources one actor asks for, and after
       `start_timeout` s when the actors did not come up (cluster busy, autoscaler gave none) - never a silent hang.
@@ -132,16 +133,16 @@ class ModelActorPool:
       (the same schema the object passes to its callback when run inline).
     """
 
-    def __init__(self, actor_cls: type, args: Sequence = (), kwargs: dict | None = None, num_actors: int = 1,
+    def __init__(self, actor_cls: type, args: Sequence = (), kwargs: dict | None = None, num_actors: int | None = 1,
                  num_cpus: float | None = None, num_gpus: float | None = None, torch_threads: int | None = None,
                  ray_options: dict | None = None, progress_method: str | None = None, start_timeout: float = 300.0,
                  lazy: bool = True):
-        if num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1, got {num_actors}")
+        if num_actors is not None and num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1 (or None: one per GPU of the cluster), got {num_actors}")
         if start_timeout <= 0:
             raise ValueError(f"start_timeout must be > 0 seconds, got {start_timeout}")
         self.actor_cls, self.args, self.kwargs = actor_cls, tuple(args), kwargs
-        self.num_actors, self.ray_options = num_actors, dict(ray_options or {})
+        self._want_actors, self.num_actors, self.ray_options = num_actors, num_actors, dict(ray_options or {})
         self.progress_method, self.start_timeout = progress_method, start_timeout
         self._want = (num_cpus, num_gpus, torch_threads)
         self.num_cpus = self.num_gpus = self.torch_threads = None
@@ -153,7 +154,8 @@ class ModelActorPool:
             self.start()
 
     def resources(self) -> dict:
-        """{"num_cpus", "num_gpus", "torch_threads"} per actor, decided from the cluster (Ray is started if needed)."""
+        """{"num_actors", and per actor "num_cpus", "num_gpus", "torch_threads"}, decided from the cluster (Ray is
+        started if needed)."""
         import ray
 
         ensure_ray()
@@ -161,9 +163,11 @@ class ModelActorPool:
         num_cpus, num_gpus, threads = self._want
         if num_gpus is None:
             num_gpus = 1 if total.get("GPU", 0) >= 1 else 0
+        num_actors = self._want_actors or (max(1, int(total.get("GPU", 0) // num_gpus)) if num_gpus else 1)
         if num_cpus is None:
-            num_cpus = 1 if num_gpus else max(1, int(total.get("CPU", 1)) // self.num_actors)
-        return {"num_cpus": num_cpus, "num_gpus": num_gpus, "torch_threads": int(threads or max(1, int(num_cpus)))}
+            num_cpus = 1 if num_gpus else max(1, int(total.get("CPU", 1)) // num_actors)
+        return {"num_actors": num_actors, "num_cpus": num_cpus, "num_gpus": num_gpus,
+                "torch_threads": int(threads or max(1, int(num_cpus)))}
 
     def _check_placeable(self, need: dict) -> None:
         import ray
@@ -186,7 +190,8 @@ class ModelActorPool:
             if self.actors:
                 return self
             res = self.resources()
-            self.num_cpus, self.num_gpus, self.torch_threads = res["num_cpus"], res["num_gpus"], res["torch_threads"]
+            self.num_actors, self.num_cpus, self.num_gpus = res["num_actors"], res["num_cpus"], res["num_gpus"]
+            self.torch_threads = res["torch_threads"]
             opts = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
                     **({"max_concurrency": 2} if self.progress_method else {}), **self.ray_options}
             need = {"CPU": float(opts.get("num_cpus") or 0), "GPU": float(opts.get("num_gpus") or 0),

@@ -218,12 +218,12 @@ def start_run(experiment: str, run_name: str | None = None, tags: Mapping[str, A
 
 
 def _flow_run_id() -> str | None:
-    """The Prefect flow run this code runs in, if any."""
+    """The Prefect flow run this code runs in, if any: also from inside one of its task runs (a TaskRunContext has
+    no `flow_run`, only `task_run.flow_run_id`; restore-archive restores each video in a task run)."""
     try:
-        from prefect.context import get_run_context
+        from prefect.runtime import flow_run
 
-        ctx = get_run_context()
-        return str(ctx.flow_run.id) if getattr(ctx, "flow_run", None) else None
+        return flow_run.get_id()
     except Exception:
         return None
 

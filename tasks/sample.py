@@ -76,7 +76,7 @@ class SamplerWorker:
         self.device = resolve_device(device or "auto")
         self.model_name = model_name
         self.model = get_model(model_name, self.device, dtype)
-        self._progress = {"tick": 0, "total_ticks": 0}
+        self._progress = {"tick": 0, "total_ticks": 0, "frames_done": 0}  # the schema of every report, polled or called back
         self._lock = threading.Lock()
 
     def progress(self) -> dict:
@@ -247,17 +247,13 @@ def sampler_pool(model_name: str, num_actors: int | None = None, device: str = "
     """Ray actors that each hold the model once (infra.ray_pool.ModelActorPool: lazy, resources from the cluster, a
     clear error when no node can host one); one video's windows run on one actor, videos spread over them.
 
-    device 'auto': a GPU per actor when the cluster has GPUs (one actor per GPU), else CPU actors; 'cpu' / 'cuda[:N]'
+    device 'auto': a GPU per actor when the cluster has GPUs (num_actors None: one actor per GPU, decided when the
+    pool starts, so nothing starts Ray before the first video reaches sampling), else CPU actors; 'cpu' / 'cuda[:N]'
     force it. Inside an actor Ray sets CUDA_VISIBLE_DEVICES, so its GPU is always its `cuda`.
     """
-    import ray
-
-    from infra.ray_pool import ModelActorPool, ensure_ray
+    from infra.ray_pool import ModelActorPool
 
     num_gpus = None if device == "auto" else int(device.startswith("cuda"))
-    if num_actors is None:
-        ensure_ray()
-        num_actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus != 0 else 1
     actor_device = "cuda" if device.startswith("cuda") else device
     return ModelActorPool(SamplerWorker, args=(model_name, None, actor_device, dtype), num_actors=num_actors,
                           num_gpus=num_gpus, progress_method="progress")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,25 @@ async def main():
     async with get_client() as c:
         d = await c.read_deployment_by_name("restore-archive/nightly")
         print(json.dumps({"schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in d.schedules],
-                          "parameters": d.parameters, "work_pool": d.work_pool_name}))
+                          "parameters": d.parameters, "work_pool": d.work_pool_name,
+                          "limit": d.global_concurrency_limit.limit if d.global_concurrency_limit else None,
+                          "collision": str(d.concurrency_options.collision_strategy.value) if d.concurrency_options else None}))
 asyncio.run(main())
 """
+
+
+def _task_runs(api_url: str, flow_run_id: str) -> list:
+    """Task runs of one flow run, read from the server's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
 
 
 @pytest.mark.slow
@@ -52,11 +69,28 @@ def test_deploy_all_and_run_default_deployment(tmp_path):
         nightly = json.loads(r.stdout.strip().splitlines()[-1])
         assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
         assert nightly["work_pool"] == "restore-video-pool" and nightly["parameters"]["concurrency"] == 1
+        assert nightly["limit"] == 1 and nightly["collision"] == "ENQUEUE"  # overlapping nightly runs wait: one manifest writer
         with ProcessWorker("restore-video-pool", env, cwd=str(ROOT)):
             # the deployment names no defaults of its own: the user gives the input (+ what makes the test quick)
             params = {"input": clip, "steps": 2, "executor": "inline"}
             state, flow_run_id = run_deployment("restore-video/default", params, env, timeout=300)
-        runs = read_runs(server.api_url)
+            runs = read_runs(server.api_url)
+            # the nightly archive, run as the scheduler would: a good clip restored, a corrupt one reported
+            (tmp_path / "in").mkdir()
+            shutil.copy(clip, tmp_path / "in" / "clip.mp4")
+            (tmp_path / "in" / "corrupt.mp4").write_bytes(b"\x00not a video" * 100)
+            nightly_params = {"input_prefix": str(tmp_path / "in"), "output_prefix": str(tmp_path / "archive"),
+                              "settings": {"steps": 2}, "executor": "inline",
+                              "work_root": str(work), "concurrency": 2}
+            archive_state, archive_run_id = run_deployment("restore-archive/nightly", nightly_params, env, timeout=300)
+            archive_tasks = _task_runs(server.api_url, archive_run_id)
+    assert archive_state == "FAILED"  # after the whole batch: one of two videos failed
+    assert (tmp_path / "archive" / "clip.mp4" / "restored.mp4").exists() and not (tmp_path / "archive" / "corrupt.mp4").exists()
+    manifest = [json.loads(line) for line in (tmp_path / "archive" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((Path(m["input"]).name, m["status"]) for m in manifest) == [("clip.mp4", "restored"), ("corrupt.mp4", "failed")]
+    per_video = sorted((t.name, t.state.type.value) for t in archive_tasks if t.name.startswith("restore "))
+    assert per_video == [("restore clip.mp4", "COMPLETED"), ("restore corrupt.mp4", "FAILED")]
+    assert {str(t.flow_run_id) for t in archive_tasks} == {archive_run_id} and len(archive_tasks) > 2  # the stages too
     assert state == "COMPLETED"
     [flow_run] = runs["flow_runs"]
     assert flow_run["id"] == flow_run_id and flow_run["name"] == "old-film:warped-diffusion"

@@ -161,3 +161,47 @@ def test_ray_started_from_a_thread_outlives_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0 and "result 49" in done.stdout, (done.returncode, done.stdout[-2000:], done.stderr[-3000:])
+
+
+def test_sampler_on_ray_reports_progress_in_the_inline_schema(ray_local, tmp_path):
+    """The sample stage on a pool actor (sampler_pool: what restore and restore-archive use) gives the flow's progress
+    callback the same dicts as the inline worker's callback, and the same latents."""
+    from tasks import sample as sample_stage
+    from tests.test_sample_windows import MODEL, latents, request, write_inputs
+
+    roots = {name: str(tmp_path / name) for name in ("inline", "ray")}
+    for root in roots.values():
+        write_inputs(root, frames=5)
+    inline_seen = []
+    worker = sample_stage.SamplerWorker(MODEL, device="cpu")
+    worker._external_callback = inline_seen.append
+    inline = worker.sample(**request(roots["inline"], steps=3))
+
+    ray_seen = []
+    pool = sample_stage.sampler_pool(MODEL, device="cpu")
+    assert pool.actors == [] and pool.num_actors is None  # lazy: nothing started, nothing decided before the first call
+    with pool:
+        on_ray = pool.submit("sample", progress=ray_seen.append, poll_s=0.01, **request(roots["ray"], steps=3))
+        assert (pool.num_actors, pool.num_gpus, pool.num_cpus) == (1, 0, 2)  # from the cluster (ray_local: 2 CPUs, no GPU)
+    assert on_ray["key"] == inline["key"] and not on_ray["cached"]
+    a, b = latents(roots["ray"], on_ray["key"]), latents(roots["inline"], inline["key"])
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()  # the actor runs 2 torch threads, this test 1: float sums differ
+    assert ray_seen and {frozenset(d) for d in ray_seen} == {frozenset(d) for d in inline_seen} == {
+        frozenset({"tick", "total_ticks", "frames_done"})}
+    assert ray_seen[-1] == inline_seen[-1] == {"tick": 7, "total_ticks": 7, "frames_done": 5}  # 5 frames + 3 steps - 1
+    ticks = [d["tick"] for d in ray_seen]
+    assert ticks == sorted(ticks)
+
+
+def test_a_sampler_pool_starts_no_ray_until_used():
+    """restore-archive builds its pool before the first video: a batch of unreadable videos must not start Ray."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys; sys.path.insert(0, %r)\nimport ray\nfrom tasks.sample import sampler_pool\n"
+              "pool = sampler_pool('sr8-gp')\nprint('initialized', ray.is_initialized(), pool.num_actors)" % root)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "initialized False None" in done.stdout, done.stderr[-2000:]

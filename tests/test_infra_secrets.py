@@ -62,7 +62,7 @@ from flows.restore_archive import restore_archive
 from flows.restore_video import restore
 
 bucket, endpoint_only, with_secrets = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-summary = restore_archive(f"{bucket}/in", f"{bucket}/out", mode="benchmark", steps=2, frames="0:4",
+summary = restore_archive(f"{bucket}/in", f"{bucket}/out", settings=dict(mode="benchmark", steps=2, frames="0:4"),
                           executor="inline", work_root=f"{bucket}/work", storage_options=endpoint_only)
 print("ARCHIVE", json.dumps({k: summary[k] for k in ("restored", "failed")}), flush=True)
 # the Python API with credentials inside storage_options (the case issue 11 found in the params)
