@@ -319,7 +319,7 @@ def test_archive_command_on_a_prefect_server(tmp_path):
     assert per_video[flow_runs[0].id] == [("restore a clip.mp4", "COMPLETED"), ("restore broken.mp4", "FAILED"),
                                           ("restore sub - b.mp4", "COMPLETED")]
     assert per_video[flow_runs[1].id] == [("restore broken.mp4", "FAILED")]
-    assert {t.name.split("-")[0] for t in task_runs[flow_runs[0].id]} >= {"extract_frames", "decode"}  # stages nested in it
+    assert {t.name.split(":")[0] for t in task_runs[flow_runs[0].id]} >= {"extract_frames", "decode"}  # stages nested in it
     kinds = [a.type for a in artifacts[flow_runs[0].id]]
     assert kinds.count("progress") == 2 and kinds.count("table") == 1, kinds  # sampling progress of both, the summary
 

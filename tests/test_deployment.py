@@ -94,7 +94,7 @@ def test_deploy_all_and_run_default_deployment(tmp_path):
     assert state == "COMPLETED"
     [flow_run] = runs["flow_runs"]
     assert flow_run["id"] == flow_run_id and flow_run["name"] == "old-film:warped-diffusion"
-    assert {t["name"].rsplit("-", 1)[0] for t in runs["task_runs"]} >= {"extract_frames", "prepare", "estimate_flow",
+    assert {t["name"].split(":")[0] for t in runs["task_runs"]} >= {"extract_frames", "prepare", "estimate_flow",
                                                                           "encode", "generate_noise", "decode"}
     assert all(t["flow_run_id"] == flow_run_id for t in runs["task_runs"])
     out = tmp_path / "out" / f"old-film-warped-diffusion-{flow_run_id.replace('-', '')[:8]}"
