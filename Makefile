@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.all
 
 # The guidance sweep tunes on its clip, video-sr reports on other clips, shift-inpaint; 3 seeds; the tables are
-# written into EXPERIMENTS.md. EXPERIMENT_SCALE is the scale the committed tables were made at (~1 h on 2 shared
+# written into EXPERIMENTS.md. EXPERIMENT_SCALE is the scale the committed tables were made at (35 min on 2 shared
 # CPU cores); `make experiments EXPERIMENT_SCALE=` runs the full grid (16-frame video-sr, λ x steps 25/50/100:
 # many hours). EXPERIMENT_ARGS="--frames 4 --steps 2" for a smoke run.
 EXPERIMENT_SCALE ?= --frames 8 --lambdas 0,0.5,1,2 --sweep-steps 25
