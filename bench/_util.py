@@ -31,6 +31,7 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "load_avg_1m": round(os.getloadavg()[0], 1),  # shared machines: timings under load are slower
     }
 
 

@@ -2,6 +2,9 @@
 with the figures, the machine and the date.
 
 python -m bench.all [--only noise_warp,sampling] [--no-write]
+
+BENCHMARKS.md is updated section by section (`merge`): a benchmark's `## NAME` section is replaced, the others
+(hand-written notes, benchmarks not rerun) stay with their own dates.
 """
 
 from __future__ import annotations
@@ -55,20 +58,43 @@ def _value(v) -> str:
     return f"`{v}`" if isinstance(v, (list, tuple)) else str(v)
 
 
-def render(results: dict, machine: dict, date: str) -> str:
-    lines = ["# Benchmarks", "",
-             f"Produced by `make bench` (`python -m bench.all`) on {date}. Rerun it to refresh this file; every figure "
-             "below comes from one run of each benchmark, each in its own process.", "",
-             "Machine: " + ", ".join(f"{k} `{v}`" for k, v in machine.items()), ""]
-    for name, res in results.items():
-        lines += [f"## {name}", "", describe(name), ""]
-        if res.get("skipped"):
-            lines += [f"_skipped: {res['skipped']}_", ""]
+HEADER = ("# Benchmarks\n\nProduced by `make bench` (`python -m bench.all`; `--only a,b` reruns some). Each section "
+          "comes from one run of its benchmark in its own process and says when and on what machine it ran; "
+          "`--only` replaces just those sections, so sections of different dates can stand side by side.\n")
+
+
+def section(name: str, res: dict, machine: dict, date: str) -> str:
+    """One benchmark's markdown section: heading, what it measures, when and where, the figures, the command."""
+    lines = [f"## {name}", "", describe(name), "",
+             f"Measured {date}; machine: " + ", ".join(f"{k} `{v}`" for k, v in machine.items()), ""]
+    if res.get("skipped"):
+        return "\n".join(lines + [f"_skipped: {res['skipped']}_"])
+    lines += ["| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(v)} |" for k, v in res.items()]
+    lines += ["", f"`python -m bench.{name} --json`"]
+    return "\n".join(lines)
+
+
+def merge(doc: str, sections: dict[str, str]) -> str:
+    """Replace each `## NAME` section of `doc` (its heading up to the next `## ` heading) by `sections[NAME]`;
+    sections not in `doc` are appended, every other section (hand-written ones too) is kept as it is."""
+    import re
+
+    doc = doc if doc.strip() else HEADER
+    for name, text in sections.items():
+        m = re.search(rf"^## {re.escape(name)}[ \t]*\n", doc, flags=re.M)
+        if m is None:
+            doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
             continue
-        lines += ["| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {_value(v)} |" for k, v in res.items()]
-        lines += ["", f"`python -m bench.{name} --json`", ""]
-    return "\n".join(lines).rstrip() + "\n"
+        nxt = re.search(r"^## ", doc[m.end():], flags=re.M)
+        end = m.end() + nxt.start() if nxt else len(doc)
+        doc = doc[: m.start()] + text.rstrip() + ("\n\n" if nxt else "\n") + doc[end:]
+    return doc
+
+
+def render(results: dict, machine: dict, date: str, doc: str = "") -> str:
+    """BENCHMARKS.md: `doc` (the current file, or "" for a fresh one) with the sections of `results` replaced."""
+    return merge(doc, {name: section(name, res, machine, date) for name, res in results.items()})
 
 
 def main(argv=None) -> int:
@@ -91,7 +117,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     print(json.dumps({"date": date, "machine": info, "results": results}, indent=2))
     if not args.no_write:
-        (ROOT / "BENCHMARKS.md").write_text(render(results, info, date))
+        path = ROOT / "BENCHMARKS.md"
+        path.write_text(render(results, info, date, path.read_text() if path.exists() else ""))
         print(f"wrote {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
     return 1 if any("error" in r for r in results.values()) else 0
 

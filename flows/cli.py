@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-space", default=None, help="pixel | latent | auto (default: the sweep's pick / the experiment's)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--task", default=None, help="SR task of video-sr and guidance-sweep (default sr8)")
+    p.add_argument("--lambdas", default=None, help="guidance-sweep's λ grid, comma-separated (default 0,0.5,1,2)")
+    p.add_argument("--sweep-steps", default=None, help="guidance-sweep's step counts, comma-separated (default 25,50)")
     p.add_argument("--tune-image", default=None, help="photograph of the guidance sweep's clip (default rocket)")
     p.add_argument("--report-images", default=None, help="comma-separated photographs of video-sr's clips (default coffee,motorcycle_right)")
     p.add_argument("--update-doc", default=None, help="write each table into this markdown file (e.g. EXPERIMENTS.md)")

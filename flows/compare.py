@@ -130,7 +130,7 @@ def build_table(runs_df) -> list[dict]:
             row[f"{metric}_n"] = len(values)
         for param, name in (("guidance", "guidance"), ("steps", "steps"), ("method", "method"), ("model", "model"),
                             ("guidance_space", "space")):
-            vals = {str(r.get(f"params.{param}")) for r in runs if r.get(f"params.{param}") is not None}
+            vals = {str(v) for r in runs if (v := r.get(f"params.{param}")) is not None and v == v}  # NaN: absent
             row[name] = vals.pop() if len(vals) == 1 else None
         row["run_ids"] = [r["run_id"] for r in runs]
         rows.append(row)
@@ -175,6 +175,18 @@ def footnotes(rows: list[dict]) -> list[str]:
                      "restored over truth (1 = no block artefacts). noise σ (NR): no-reference noise level (Immerkær 1996: "
                      "the std of white noise explaining the frames' response to a Laplacian-difference mask, [0, 1] "
                      "scale); compare with the truth row's own level: above it = grain/diffusion noise, below = blur.")
+    models: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("model"):
+            models.setdefault(r["model"], [])
+            if r["row"] not in models[r["model"]]:
+                models[r["model"]].append(r["row"])
+    if models:
+        one = len(models) == 1
+        notes.append("model per row: " + "; ".join(f"`{m}`: {'every method row' if one else ', '.join(rs)}"
+                                                   for m, rs in models.items())
+                     + (" (input and truth rows: no model)" if any(r["row"] == TRUTH_ROW or r["row"].startswith(INPUT_PREFIX)
+                                                                for r in rows) else "") + ".")
     if all(math.isnan(r["lpips_mean"]) for r in rows):
         notes.append(LPIPS_FOOTNOTE)
     return notes

@@ -52,8 +52,8 @@ SHIFT_FRAMES = 8
 SHIFT_IMAGE = "coffee"  # held out of every shipped model's training (checked against the cards, `check_held_out`)
 NOISES = ("gp", "white")
 WHITE_ONLY = ("integral",)  # How I Warped Your Noise is white noise by construction: run with the white-noise model
-LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0)
-SWEEP_STEPS = (25, 50, 100)
+LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0)  # the sweep's full grid; `--lambdas` / `--sweep-steps` set a smaller one
+SWEEP_STEPS = (25, 50, 100)  # (the Makefile's EXPERIMENT_SCALE: the scale EXPERIMENTS.md's tables were made at)
 SWEEP_SPACES = ("pixel", "latent")
 SWEEP_FRAMES = 8  # guidance-sweep uses 8-frame clips (30 configurations x seeds)
 CLIP_FRAMES = 16
@@ -286,18 +286,26 @@ def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
 
 def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEFAULT_SEEDS,
                     work_root: str = DEFAULT_WORK_ROOT, guidance: float | None = None, space: str | None = None,
-                    frames: int | None = None, task: str = "sr8") -> list[RunSpec]:
+                    frames: int | None = None, task: str = "sr8", lambdas=None, sweep_steps=None) -> list[RunSpec]:
     """Every configuration of experiment `name` on `clips` (Clip objects, or one video path) (pure: builds dicts).
 
     steps / guidance / space override the experiment's defaults (warped-diffusion's lambda and guidance space; the
-    sweep has its own grid). Methods run with `model_for(task, method)`; shift-inpaint with both noises.
+    sweep has its own grid: lambdas x sweep_steps x spaces, default LAMBDAS x SWEEP_STEPS x SWEEP_SPACES, `steps` /
+    `space` pin one). Methods run with `model_for(task, method)`; shift-inpaint with both noises.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
     if seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    lambdas = tuple(LAMBDAS if lambdas is None else lambdas)
+    sweep_steps = tuple(SWEEP_STEPS if sweep_steps is None else sweep_steps)
     if guidance is not None and not (0 <= guidance <= 100):
         raise ValueError(f"--guidance must be in [0, 100], got {guidance}")
+    if any(not (0 <= lam <= 100) for lam in lambdas):
+        raise ValueError(f"--lambdas must be in [0, 100], got {lambdas}")
+    if not lambdas or not sweep_steps or any(int(n) != n or n < 1 for n in sweep_steps):
+        raise ValueError(f"--lambdas and --sweep-steps need at least one value, steps whole numbers >= 1; got "
+                         f"lambdas {lambdas}, steps {sweep_steps}")
     if isinstance(clips, (str, Clip)):
         clips = [clips]
     clips = [c if isinstance(c, Clip) else Clip(path=c, image=_image_name(c), role="report", kind="video") for c in clips]
@@ -325,9 +333,9 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
             cells.append((method_row(method, model), dict(task=task, method=method, model=model, flow_backend="dis",
                                                           guidance=lam, guidance_space=space)))
     else:
-        for n_steps in ((steps,) if steps else SWEEP_STEPS):
+        for n_steps in ((steps,) if steps else sweep_steps):
             for sp in ((space,) if space != "auto" else SWEEP_SPACES):
-                for lam in LAMBDAS:
+                for lam in lambdas:
                     cells.append((f"λ={lam:g} steps={n_steps} space={sp}",
                                   dict(task=task, method="warped-diffusion", model=model_for(task, "warped-diffusion"),
                                        guidance=lam, steps=n_steps, guidance_space=sp, flow_backend="dis")))
@@ -598,7 +606,7 @@ def _log_row_run(name: str, parent_id: str, uri: str, row: str, clip: Clip, seed
 def run_experiment(name: str, input: str | None = None, frames: int | None = None, steps: int | None = None,
                    seeds: int = DEFAULT_SEEDS, work_root: str | None = None, log=print, guidance: float | None = None,
                    space: str | None = None, tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES,
-                   models_root=None, task: str = "sr8") -> dict:
+                   models_root=None, task: str = "sr8", lambdas=None, sweep_steps=None) -> dict:
     """Run every configuration of `name` nested under one parent MLflow run, score every run (and the input and
     truth rows) against the estimated and the exact flow, then log compare's table and plots.
 
@@ -624,7 +632,7 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
                 else "untuned defaults (no guidance-sweep run)") if name == "video-sr" else None
     clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root)
     specs = experiment_grid(name, clips, steps, seeds, work_root, guidance=guidance, space=space,
-                            frames=frames if input else None, task=task)
+                            frames=frames if input else None, task=task, lambdas=lambdas, sweep_steps=sweep_steps)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
@@ -712,9 +720,19 @@ def experiments(name: str = "video-sr", input: str | None = None, frames: int | 
     return {k: v for k, v in result.items() if k != "rows"}
 
 
+def _numbers(text: str | None, kind, flag: str):
+    """A comma-separated CLI list ("0,0.5,1") -> tuple of `kind`; None when not given."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers (e.g. 0,0.5,1), got {text!r}") from None
+
+
 def experiment_cli(args) -> int:
     """`restore-video experiment NAME|all [--input URL] [--frames N] [--steps N] [--guidance L] [--guidance-space S]
-    [--seeds N] [--task sr8|sr4] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
+    [--seeds N] [--task sr8|sr4] [--lambdas L,..] [--sweep-steps N,..] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
     names = PAPER_EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
@@ -729,7 +747,9 @@ def experiment_cli(args) -> int:
             result = run_experiment(name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log,
                                     guidance=getattr(args, "guidance", None), space=getattr(args, "guidance_space", None),
                                     tune_image=getattr(args, "tune_image", None) or TUNE_IMAGE, report_images=report_images,
-                                    task=getattr(args, "task", None) or "sr8")
+                                    task=getattr(args, "task", None) or "sr8",
+                                    lambdas=_numbers(getattr(args, "lambdas", None), float, "--lambdas"),
+                                    sweep_steps=_numbers(getattr(args, "sweep_steps", None), int, "--sweep-steps"))
         except (ValueError, ValidationError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -194,3 +194,20 @@ def test_std_dash_for_single_runs_and_rows_grouped_by_clip():
     assert "#### clip coffee (report)" in text and "#### clip rocket (report)" in text
     assert "± 0 " not in text and "WE pixel first (exact)" in text and "grad ratio" in text
     assert set(compare.summary_json(rows)) == {"coffee: truth (floor)", "coffee: input: bicubic ×8", "coffee: gp", "rocket: gp"}
+
+
+def test_footnote_names_the_model_of_every_row():
+    """Which embedded model each row ran with (GP-noise rows vs the white-noise model's), read off the runs' params."""
+    import pandas as pd
+
+    def run(row, model, seed):
+        return {"run_id": f"{row}-{seed}", "start_time": seed, "tags.restore_video.row": row, "metrics.psnr": 20.0,
+                **({"params.model": model} if model else {})}
+
+    df = pd.DataFrame([run("warped-diffusion", "sr8-gp", 0), run("gp", "sr8-gp", 0), run("integral/white", "sr8-white", 0),
+                       run("input: bicubic ×8", None, 0)])
+    note = next(n for n in compare.footnotes(compare.build_table(df)) if n.startswith("model per row"))
+    assert note == ("model per row: `sr8-gp`: warped-diffusion, gp; `sr8-white`: integral/white "
+                    "(input and truth rows: no model).")
+    one = compare.footnotes(compare.build_table(pd.DataFrame([run("gp", "sr8-gp", 0), run("gp", "sr8-gp", 1)])))
+    assert "model per row: `sr8-gp`: every method row." in one

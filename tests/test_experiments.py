@@ -56,13 +56,33 @@ def test_video_sr_grid_every_method_on_every_report_clip():
 def test_guidance_sweep_grid_lambdas_x_steps_x_spaces():
     specs = experiments.experiment_grid("guidance-sweep", "clip.mp4", seeds=1)
     assert {(s.config["guidance"], s.config["steps"], s.config["guidance_space"]) for s in specs} == {
-        (lam, n, sp) for lam in (0, 0.25, 0.5, 1, 2) for n in (25, 50, 100) for sp in ("pixel", "latent")}
+        (lam, n, sp) for lam in experiments.LAMBDAS for n in experiments.SWEEP_STEPS for sp in ("pixel", "latent")}
+    assert 0.0 in experiments.LAMBDAS and len(experiments.LAMBDAS) >= 3  # lambda = 0 is the sweep's PSNR baseline
     assert all(s.config["method"] == "warped-diffusion" for s in specs)
-    rows = list(dict.fromkeys(s.row for s in specs))
+    wide = experiments.experiment_grid("guidance-sweep", "clip.mp4", seeds=1, lambdas=(0, 0.25, 0.5, 1, 2),
+                                       sweep_steps=(25, 50, 100))
+    rows = list(dict.fromkeys(s.row for s in wide))
     assert sorted(rows, key=compare._order) == [f"λ={lam:g} steps={n} space={sp}" for n in (25, 50, 100)
                                                  for sp in ("latent", "pixel") for lam in (0, 0.25, 0.5, 1, 2)]
-    only = experiments.experiment_grid("guidance-sweep", "clip.mp4", steps=10, space="pixel", seeds=1)
-    assert {(s.config["steps"], s.config["guidance_space"]) for s in only} == {(10, "pixel")} and len(only) == 5
+    only = experiments.experiment_grid("guidance-sweep", "clip.mp4", steps=10, space="pixel", seeds=1, lambdas=(0, 3))
+    assert {(s.config["steps"], s.config["guidance_space"], s.config["guidance"]) for s in only} == {
+        (10, "pixel", 0), (10, "pixel", 3)}
+    for bad in (dict(lambdas=(0, -1)), dict(lambdas=()), dict(sweep_steps=(25, 0)), dict(sweep_steps=(2.5,))):
+        with pytest.raises(ValueError, match="--lambdas|--sweep-steps"):
+            experiments.experiment_grid("guidance-sweep", "clip.mp4", seeds=1, **bad)
+
+
+def test_cli_sweep_grid_lists(tmp_path, capsys):
+    """`--lambdas` / `--sweep-steps` parse comma lists; a malformed one is exit code 2 with the flag named."""
+    import argparse
+
+    assert experiments._numbers("0,0.5, 2", float, "--lambdas") == (0.0, 0.5, 2.0)
+    assert experiments._numbers(None, int, "--sweep-steps") is None
+    args = argparse.Namespace(name="guidance-sweep", input=None, frames=4, steps=None, seeds=1, work_root=str(tmp_path),
+                              json=False, guidance=None, guidance_space=None, tune_image=None, report_images=None,
+                              update_doc=None, lambdas="0,half", sweep_steps=None)
+    assert experiments.experiment_cli(args) == 2
+    assert "--lambdas takes comma-separated numbers" in capsys.readouterr().err
 
 
 def test_unknown_experiment_and_seeds():
