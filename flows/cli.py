@@ -76,7 +76,8 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 def cmd_run(args) -> int:
     """Validate the settings, then run the `restore-video` flow (on PREFECT_API_URL / the active profile's API, else
-    on Prefect's temporary local server). Bad input: one line `error: ...` with the cause, exit code 2."""
+    on a temporary local server: infra.prefect_server.prefect_api). Bad input: one line `error: ...` with the cause,
+    exit code 2."""
     from pydantic import ValidationError
 
     from flows.config import RestoreConfig
@@ -88,10 +89,11 @@ def cmd_run(args) -> int:
         print("error: " + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()), file=sys.stderr)
         return 2
     from flows.restore_video import restore_video
+    from infra.prefect_server import prefect_api
 
     try:
-        with _console_quiet_about_exceptions():  # the flow run's log (API) keeps them; the terminal gets one copy
-            report = restore_video(**params)
+        with prefect_api(announce=lambda m: print(m, file=sys.stderr, flush=True)), _console_quiet_about_exceptions():
+            report = restore_video(**params)  # the console drops Prefect's copy of an error; the API keeps it
     except ValueError as exc:  # bad input: VideoError and friends -> one line with the cause
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -286,26 +286,29 @@ def plan(settings: RestoreSettings, info: dict) -> Plan:
                 zero_shot=settings.zero_shot)
 
 
-def parameters_from(*models: type[BaseModel]):
-    """Decorator: give a `**params` function one keyword parameter per field of `models`, typed as the field (with
-    its constraints: Prefect's schema shows enums, bounds and defaults) and documented by its description in a
-    Google-style `Args:` section (where Prefect reads parameter descriptions). The fields stay written once, in
-    the models; the function receives only the parameters it was given (the models fill in their defaults)."""
+def parameters_from(*models: type[BaseModel], exclude: tuple[str, ...] = ()):
+    """Decorator: give a `**params` function one keyword parameter per field of `models` (but `exclude`), typed as
+    the field (with its constraints: Prefect's schema shows enums, bounds and defaults) and documented by its
+    description in a Google-style `Args:` section (where Prefect reads parameter descriptions). The function's own
+    named parameters come first (document them in an `Args:` section that ends its docstring). The fields stay
+    written once, in the models; `params` holds the model fields given (the models fill in their defaults)."""
     import inspect
     from typing import Annotated
 
-    params, docs = [], []
-    for model in models:
-        for name, field in model.model_fields.items():
-            annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                            default=field.get_default(call_default_factory=True)))
-            text = " ".join((field.description or name).split())
-            docs.append(f"    {name}: {text}")
-
     def apply(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params, docs = list(own), []
+        for model in models:
+            for name, field in model.model_fields.items():
+                if name in exclude:
+                    continue
+                annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                                default=field.get_default(call_default_factory=True)))
+                docs.append(f"    {name}: {' '.join((field.description or name).split())}")
+        doc = inspect.cleandoc(fn.__doc__ or "")
         fn.__signature__ = inspect.Signature(params)
-        fn.__doc__ = (inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(docs)).strip()
+        fn.__doc__ = (doc + "\n" if "\nArgs:\n" in doc else doc + "\n\nArgs:\n") + "\n".join(docs)
         return fn
 
     return apply

@@ -38,19 +38,23 @@ that directory on sys.path, so packages beside the entrypoint (ops/, tasks/) imp
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from infra._proc import free_port, release, spawn, stop_group, wait_http
 
-__all__ = ["PrefectServer", "ProcessWorker", "deploy_all", "run_deployment", "prefect_cmd", "base_env"]
+__all__ = ["PrefectServer", "ProcessWorker", "deploy_all", "run_deployment", "prefect_cmd", "base_env", "prefect_api",
+           "temporary_server", "stop_temporary_server"]
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -98,7 +102,8 @@ class PrefectServer:
     """
 
     def __init__(self, home: str | os.PathLike, port: int | None = None, startup_timeout: float = 90.0,
-                 ui: bool = False, stop_timeout: float = 15.0):
+                 ui: bool = False, stop_timeout: float = 15.0, ephemeral: bool = False):
+        self.ephemeral = ephemeral  # Prefect's own temporary-server command (uvicorn, no background services): quicker
         self.home = Path(home).resolve()
         self.port = port
         self.startup_timeout = startup_timeout
@@ -126,9 +131,18 @@ class PrefectServer:
         env["PREFECT_SERVER_API_PORT"] = str(self.port)
         t0 = time.monotonic()
         self._log = open(self.log_path, "ab")
+        if self.ephemeral:  # what prefect.server.api.server.SubprocessASGIServer runs, in a process group of ours
+            import prefect
+
+            env.update({"PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+            cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+                   "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--log-level", "error", "--lifespan", "on"]
+        else:
+            cmd = [*prefect_cmd(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--analytics-off", "--ui" if self.ui else "--no-ui"]
         self.proc = spawn(
-            [*prefect_cmd(), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-             "--analytics-off", "--ui" if self.ui else "--no-ui"],
+            cmd,
             env=_child_env(env), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.home,
         )
         try:
@@ -159,6 +173,77 @@ class PrefectServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def prefect_api(announce=None):
+    """The Prefect API that flow runs of this process report to, for the duration of the block; yields its URL.
+
+    - configured (PREFECT_API_URL, or the active profile of the user's PREFECT_HOME, Prefect Cloud included): used
+      as it is;
+    - none: this process's temporary local server (`temporary_server`: Prefect's own temporary-server command, its
+      sqlite DB in PREFECT_HOME as Prefect has it), in a process group of its own that is stopped at exit, on
+      SIGTERM, and also when this process is SIGKILLed (spawn's parent-death signal; Prefect's own temporary server
+      outlives that). Later blocks of the same process reuse it.
+
+    `announce(message)`: told when a temporary server was started (e.g. print to stderr).
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        yield str(settings.api.url)
+        return
+    server, started = temporary_server(settings.home)
+    if started and announce:
+        announce(f"Prefect: no API configured (PREFECT_API_URL / profile); temporary server on {server.api_url} "
+                 f"(database {settings.home}/prefect.db), stopped when this command ends")
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        try:
+            yield server.api_url
+        finally:
+            _drain_to_api()  # logs and events still queued reach the server (also before it stops at exit)
+
+
+_TEMPORARY: PrefectServer | None = None
+_TEMPORARY_LOCK = threading.Lock()
+
+
+def temporary_server(home: str | os.PathLike) -> tuple[PrefectServer, bool]:
+    """(this process's temporary API server with its DB in `home`, whether it was started now); stopped at exit."""
+    global _TEMPORARY
+    with _TEMPORARY_LOCK:
+        server = _TEMPORARY
+        if server is not None and server.proc is not None and server.proc.poll() is None \
+                and server.home == Path(home).resolve():
+            return server, False
+        if server is not None:
+            server.stop()
+        _TEMPORARY = PrefectServer(home, ephemeral=True).start()
+        if server is None:  # registered after spawn's own atexit handler, so it runs first: a graceful stop
+            atexit.register(stop_temporary_server)
+        return _TEMPORARY, True
+
+
+def stop_temporary_server() -> None:
+    """Stop the temporary server of `prefect_api` (at exit; tests call it when their session ends)."""
+    global _TEMPORARY
+    with _TEMPORARY_LOCK:
+        server, _TEMPORARY = _TEMPORARY, None
+    if server is not None:
+        server.stop()
+
+
+def _drain_to_api(timeout: float = 15.0) -> None:
+    """Send what Prefect's background workers still hold (flow-run logs, events) and stop them."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout, at_exit=False)
+        except Exception:  # a worker that never started, or a server that went away: nothing more to send
+            pass
 
 
 def create_work_pool(name: str, env: dict[str, str], pool_type: str = "process") -> None:

@@ -68,6 +68,10 @@ def stop_in_process_services() -> list[str]:
 
         if ray.is_initialized():
             ray.shutdown()
+    if "infra.prefect_server" in sys.modules:  # `restore-video run`'s temporary server (prefect_api)
+        from infra.prefect_server import stop_temporary_server
+
+        stop_temporary_server()
     if "prefect.server.api.server" in sys.modules:
         from prefect.server.api.server import SubprocessASGIServer
 

@@ -71,8 +71,11 @@ def sample_clip_audio(tmp_path_factory) -> str:
 
 
 def pytest_sessionstart(session):
-    """Keep botocore from looking for real credentials/metadata endpoints in tests."""
+    """Keep botocore from looking for real credentials/metadata endpoints in tests. Import prefect now: its console
+    log handler binds the sys.stderr of the moment prefect is first imported, and a test's capsys stream is closed
+    after that test (later flow runs would log into a closed file)."""
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    import prefect.main  # noqa: F401  (`import prefect` alone is lazy: prefect.main sets logging up)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -79,5 +79,46 @@ def test_cli_bad_input_inside_the_flow_prints_one_line_and_exits_2(tmp_path):
     logs = done.stdout + done.stderr
     assert done.returncode == 2, logs[-4000:]
     assert logs.count("gone.mp4: file not found") == 1 and "Traceback" not in logs
-    assert "Starting temporary server" in logs  # no API configured: Prefect's temporary server, stopped at exit
-    assert (tmp_path / "prefect-home").is_dir()  # the PREFECT_HOME the user set, not the repository's
+    assert "temporary server on http://127.0.0.1:" in logs  # no API configured: a temporary server, stopped at exit
+    assert (tmp_path / "prefect-home" / "prefect.db").is_file()  # in the PREFECT_HOME the user set, not the repository's
+
+
+@pytest.mark.slow  # a CLI with no API, SIGKILLed while it samples
+def test_sigkilled_cli_leaves_no_temporary_server(tmp_path):
+    import re
+    import signal
+    import time
+    import uuid
+
+    from infra._proc import wait_http
+    from storage.sample import make_sample_clip
+    from tests._servers import SUITE_ENV, marked_processes, wait_gone
+
+    clip = make_sample_clip(str(tmp_path / "long.mp4"), frames=8, size=32)
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+                "OMP_NUM_THREADS": "1", SUITE_ENV: mark})
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", clip, "--executor", "inline", "--steps", "400",
+                                 "--work-root", str(tmp_path / "work"), "--out", str(tmp_path / "out")], cwd=tmp_path,
+                                env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline, api = time.monotonic() + 240, None
+        while time.monotonic() < deadline and "sampling" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.5)
+        api = re.search(r"temporary server on (http://127\.0\.0\.1:\d+/api)", log.read_text()).group(1)
+        wait_http(f"{api}/health", timeout=10)  # up while the command runs
+        proc.send_signal(signal.SIGKILL)  # no atexit, no finally: only the parent-death signal is left
+        proc.wait(timeout=30)
+        left = wait_gone(marked_processes(mark), timeout=30)
+        assert not left, [" ".join(p.cmdline()) for p in left]
+        with pytest.raises(Exception):
+            wait_http(f"{api}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in marked_processes(mark):
+            p.kill()

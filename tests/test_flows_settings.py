@@ -131,3 +131,28 @@ def test_flow_refuses_credentials_in_its_parameters():
     assert "s3cr3t" not in str(err.value)
     with pytest.raises(ValueError, match="must not hold credentials"):
         restore_video.fn(input="clip.mp4", storage_options={"secret": "s3cr3t"})
+
+
+def test_parameters_from_keeps_a_functions_own_parameters_first():
+    import inspect
+
+    from flows.config import parameters_from
+    from prefect.utilities.callables import parameter_schema
+
+    @parameters_from(RestoreSettings, RunOptions, exclude=("input", "out"))
+    def archive_like(input_prefix: str, concurrency: int = 1, **params):
+        """Restore a prefix.
+
+        Args:
+            input_prefix: where the videos are
+            concurrency: videos at a time
+        """
+        return input_prefix, concurrency, params
+
+    names = list(inspect.signature(archive_like).parameters)
+    assert names[:2] == ["input_prefix", "concurrency"] and "input" not in names and "out" not in names
+    assert set(names[2:]) == (set(RestoreSettings.model_fields) | set(RunOptions.model_fields)) - {"input", "out"}
+    props = parameter_schema(archive_like).model_dump_for_openapi()["properties"]
+    assert props["input_prefix"]["description"] == "where the videos are"
+    assert props["solver"]["enum"] == ["conditional", "dps", "dflow", "dmplug", "vipaint"]
+    assert archive_like("p", steps=3) == ("p", 1, {"steps": 3})
