@@ -42,7 +42,7 @@ def test_cli_run_is_a_flow_run_with_task_runs_per_run_out_and_summary(tmp_path):
     [flow_run] = runs["flow_runs"]
     assert flow_run["name"] == "holiday:warped-diffusion" and flow_run["state"] == "COMPLETED"
     assert flow_run["parameters"]["input"] == clip and flow_run["parameters"]["steps"] == 2
-    tasks = {t["name"].rsplit("-", 1)[0]: t for t in runs["task_runs"]}
+    tasks = {t["name"].split(":")[0]: t for t in runs["task_runs"]}
     assert STAGE_TASKS <= set(tasks), sorted(tasks)
     assert all(t["flow_run_id"] == flow_run["id"] and t["state"] == "COMPLETED" for t in runs["task_runs"])
 
