@@ -13,10 +13,14 @@ import time
 from bench._util import emit, parser
 
 
-def run(steps: int = 50, frames: int | None = None, method: str = "warped-diffusion") -> dict:
+def run(steps: int | None = None, frames: int | None = None, method: str | None = None) -> dict:
+    """steps / method: None = RestoreSettings' defaults (the demo's)."""
     import torch
 
-    from flows.config import RestoreConfig
+    from flows.config import RestoreConfig, RestoreSettings
+
+    steps = steps or RestoreSettings.model_fields["steps"].default
+    method = method or RestoreSettings.model_fields["method"].default
     from flows.restore_video import ensure_sample_clip, restore
 
     clip = ensure_sample_clip()
@@ -25,7 +29,7 @@ def run(steps: int = 50, frames: int | None = None, method: str = "warped-diffus
         os.environ.pop("MLFLOW_TRACKING_URI", None)  # sqlite under the temporary work root: nothing shared is touched
         os.environ["RESTORE_VIDEO_EXPERIMENT"] = "bench-end-to-end"
         try:
-            cfg = RestoreConfig(input=clip, task="sr8", mode="benchmark", method=method, steps=steps,
+            cfg = RestoreConfig(input=clip, mode="benchmark", method=method, steps=steps,
                                 frames=f"0:{frames}" if frames else None, executor="inline",
                                 work_root=f"{tmp}/work", out=f"{tmp}/out")
             start = time.perf_counter()
@@ -62,7 +66,7 @@ def run(steps: int = 50, frames: int | None = None, method: str = "warped-diffus
 
 if __name__ == "__main__":
     p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: RestoreSettings' default)")
     p.add_argument("--frames", type=int, default=None)
     args = p.parse_args()
     emit(run(steps=args.steps, frames=args.frames), args.json)
