@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import RestoreConfig, result_fields
+from flows.config import RestoreConfig, RestoreSettings, result_fields
 from storage.artifacts import canonical_json, write_bytes_atomic
 from storage.names import list_videos, safe_output_name
 
@@ -317,7 +317,7 @@ def _table_artifact(rows: list[dict]) -> None:
 def restore_archive(
     input_prefix: str,
     output_prefix: str,
-    settings: dict | None = None,
+    settings: RestoreSettings | None = None,
     glob: str | None = None,
     concurrency: int = 1,
     actors: int | None = None,
@@ -327,14 +327,16 @@ def restore_archive(
 ):
     """Restore every video under `input_prefix` into `output_prefix` (see the module docstring).
 
-    settings: restore settings as RestoreConfig fields, e.g. {"task": "sr8", "steps": 50} (unset: the model's
-    defaults). concurrency: videos restored at once. Ends Failed when a video failed (after all were tried); the
+    settings: restore settings (flows.config.RestoreSettings: Prefect shows its fields, enums and descriptions), e.g.
+    {"task": "sr8", "steps": 50}; unset fields keep their defaults. concurrency: videos restored at once. Ends Failed when a video failed (after all were tried); the
     summary is the state's result either way."""
     from prefect.states import Failed
 
     from infra.tracking import check_no_secrets
 
     check_no_secrets(storage_options, "restore-archive's storage_options parameter")  # credentials: the environment
+    if isinstance(settings, RestoreSettings):
+        settings = settings.model_dump(exclude_unset=True)
     summary = archive(input_prefix, output_prefix, settings, glob, concurrency, actors, executor, work_root, storage_options)
     print(f"restore-archive: {summary['restored']} restored, {summary['skipped']} skipped, {summary['failed']} failed "
           f"in {summary['seconds']:.1f} s; manifest {summary['manifest']}")
