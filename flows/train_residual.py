@@ -393,9 +393,13 @@ def stage_diff(task: str, noise: str, ckpt: Path, steps: int, seed: int, resume:
             penalty = lambda d: block_weight * (blockiness(model.autoencoder.decode(d, clamp=False), x, model.factor) - 1) ** 2
         return edm_loss(model, x0, cond, n, g, sd, p_mean, p_std, penalty)
 
+    recipe = {"lr": lr, "p_mean": p_mean, "p_std": p_std, "block_weight": block_weight}
+    phases = list((prev or {}).get("phases", []))  # the recipe of every resumed call that changed it, by first step
+    if not phases or {k: phases[-1].get(k) for k in recipe} != recipe:
+        phases.append({"from_step": (prev or {}).get("step", 0), **recipe})
     ema, state = _loop(f"{task}-{noise}", path, model.denoiser, loss_fn, steps, lr, seed, resume, time_limit,
                        ckpt_every, {"batch": batch, "crop": crop, "sigma_data": sd, "noise": noise, "p_mean": p_mean,
-                                    "p_std": p_std, "block_weight": block_weight}, stop_at=stop_at)
+                                    "p_std": p_std, "block_weight": block_weight, "phases": phases}, stop_at=stop_at)
     return state
 
 
@@ -418,7 +422,7 @@ def assemble(task: str, noise: str, ckpt: Path, weights: str = "ema", schedule: 
     card.update(kind="residual", name=f"{task}-reg" if noise == "none" else f"{task}-res-{noise}", sigma_min=0.002,
                 training={"autoencoder": {k: astate[k] for k in ("steps", "batch", "crop", "wall_time_s", "eval")},
                           "regressor": {k: rstate[k] for k in ("step", "batch", "crop", "wall_time_s", "loss", "lr", "init") if k in rstate},
-                          "diffusion": {**{k: dstate[k] for k in ("step", "batch", "crop", "wall_time_s", "lr", "sigma_data", "p_mean", "p_std", "block_weight", "init") if k in dstate}, "weights": weights},
+                          "diffusion": {**{k: dstate[k] for k in ("step", "batch", "crop", "wall_time_s", "lr", "sigma_data", "p_mean", "p_std", "block_weight", "phases", "init") if k in dstate}, "weights": weights},
                           "device": "cpu (2 shared cores, torch.set_num_threads(1))"},
                 data={"train_photographs": list(train_data.TRAIN), "train_skimage": list(train_data.SKIMAGE_TRAIN),
                       "val_photographs": list(train_data.VAL), "test_photographs": list(train_data.TEST),
@@ -517,6 +521,8 @@ def stage_tune(task: str, noise: str, ckpt: Path, sigmas: list[float], eval_step
             row = {"sigma_max": smax, "masks": m, **{k: round(v, 3) for k, v in res.items() if k in keep}}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    (ckpt / f"{task}-{noise}").mkdir(parents=True, exist_ok=True)
+    (ckpt / f"{task}-{noise}" / "tune.json").write_text(json.dumps(rows))  # what `save` puts into the card
     return rows
 
 
@@ -525,6 +531,12 @@ def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int, we
     from storage.models import save_model
 
     model, card = assemble(task, noise, ckpt, weights, schedule)
+    if schedule:
+        tuned = ckpt / f"{task}-{noise}" / "tune.json"
+        card["schedule"] = {**schedule, "steps_from": "the pipeline's --steps (Karras, rho 7, sigma_max -> sigma_min)",
+                            "chosen_on": f"validation photographs {', '.join(train_data.VAL)} (4 views each, never "
+                                         "trained on, not the test views below): `--stage tune`",
+                            "validation": json.loads(tuned.read_text()) if tuned.exists() else None}
     views, names = heldout_views()
     res, _ = evaluate_residual(model, views, eval_steps)
     card["eval"] = {**res, "heldout_views": names, "size": 256}
