@@ -533,10 +533,13 @@ def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int, we
     model, card = assemble(task, noise, ckpt, weights, schedule)
     if schedule:
         tuned = ckpt / f"{task}-{noise}" / "tune.json"
+        twin = ckpt / f"{task}-gp" / "tune.json"  # a white model takes the schedule chosen for its GP twin
+        source = tuned if tuned.exists() else twin if twin.exists() else None
         card["schedule"] = {**schedule, "steps_from": "the pipeline's --steps (Karras, rho 7, sigma_max -> sigma_min)",
                             "chosen_on": f"validation photographs {', '.join(train_data.VAL)} (4 views each, never "
                                          "trained on, not the test views below): `--stage tune`",
-                            "validation": json.loads(tuned.read_text()) if tuned.exists() else None}
+                            "validation_of": None if source is None else f"{task}-res-{source.parent.name.split('-')[-1]}",
+                            "validation": json.loads(source.read_text()) if source else None}
     views, names = heldout_views()
     res, _ = evaluate_residual(model, views, eval_steps)
     card["eval"] = {**res, "heldout_views": names, "size": 256}
