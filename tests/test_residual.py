@@ -176,7 +176,7 @@ def test_regressor_learns_a_linear_map():
     assert float(loss) < 0.3 * first
 
 
-@pytest.mark.parametrize("name", ["sr8-reg", "sr8-res-gp", "sr8-res-white", "sr4-res-gp", "inpaint-reg", "inpaint-res-gp"])
+@pytest.mark.parametrize("name", ["sr8-reg", "sr8-res-gp", "sr8-res-white", "sr4-res-gp", "sr4-res-white", "inpaint-reg", "inpaint-res-gp", "inpaint-res-white"])
 def test_shipped_residual_models_load_and_never_saw_the_demo_image(name):
     from storage.sample import SOURCE_IMAGE
     from storage.train_data import SKIMAGE_TEST, TEST
