@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 METHODS = ("warped-diffusion", "gp", "fixed", "resample", "nearest", "bilinear", "integral")
 TASKS = ("sr8", "sr4", "inpaint", "deblur", "denoise")
 DTYPES = ("float32", "float16", "bfloat16")
-CONDITIONAL_TASKS = ("sr8", "sr4", "inpaint")  # tasks with a conditional model (sr4: a --model x4 upscaler); the others need a zero-shot solver
+CONDITIONAL_TASKS = ("sr8", "sr4", "inpaint")  # tasks with a conditional model (sr4: embedded, or a --model x4 upscaler); the others need a zero-shot solver
 SOLVERS = ("conditional", "dps", "dflow", "dmplug", "vipaint")  # conditional = the task's own model; others: ops.solvers
 SOURCE_SOLVERS = ("dflow", "dmplug")  # the solvers that optimise the source noise (--source)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -133,9 +133,11 @@ class RestoreSettings(BaseModel):
                              "or use --mode benchmark to generate masks")
         if self.task != "inpaint" and self.mask:
             raise ValueError("--mask is only used by task 'inpaint'")
-        if self.task == "sr4" and self.solver == "conditional" and not self.model:
-            raise ValueError("task 'sr4' needs --model: a Stable Diffusion x4 upscaler directory (unet/, vae/, "
-                             "scheduler/, text_encoder/, tokenizer/, low_res_scheduler/); no embedded model does x4")
+        if self.solver == "conditional" and not self.model and self.task in CONDITIONAL_TASKS:
+            from storage.models import DEFAULT_MODELS
+
+            if self.task not in DEFAULT_MODELS:
+                raise ValueError(f"task {self.task!r} needs --model: no embedded model does it")
         if self.solver == "conditional" and self.task not in CONDITIONAL_TASKS:
             raise ValueError(f"task {self.task!r} has no conditionally trained model; pick a zero-shot solver with the "
                              f"unconditional prior: --solver {' | '.join(SOLVERS[1:])}")

@@ -206,7 +206,7 @@ def model_spec(name: str) -> ModelSpec:
     multiple = pad_multiple(name)
     if (path / CARD).exists():
         card = json.loads((path / CARD).read_text())
-        unet = card.get("denoiser", {}).get("unet", {})
+        unet = (card.get("denoiser") or card.get("residual") or {}).get("unet") or {}
         return ModelSpec(factor=int(card["autoencoder"].get("factor", 8)), latent_channels=int(card["autoencoder"]["latent_channels"]),
                          multiple=multiple, widths=tuple(unet.get("block_out_channels", (64,))),
                          attention=bool(unet.get("attention", True)))

@@ -361,7 +361,8 @@ def cli(argv: list[str]) -> int:
     """`restore-video train ...`: parse argv, run the flow, print the eval numbers as JSON.
 
     `restore-video train residual ...` trains the lapped-latent regression + residual diffusion models instead
-    (flows/train_residual.py: stages ae, reg, diff, save; --resume continues each from its checkpoint).
+    (flows/train_residual.py: stages ae, import, reg, evalreg, diff, tune, save; --resume continues each from its
+    checkpoint, --stage import --from assets/models/NAME turns a shipped model back into checkpoints).
     """
     if argv and argv[0] == "residual":
         from flows.train_residual import main

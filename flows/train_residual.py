@@ -1,10 +1,14 @@
 """train-residual: lapped latent + regression + residual diffusion models, trained on photographs (CPU-sized).
 
-    python -m flows.train_residual --stage ae|reg|diff|eval|save [--task sr8|inpaint] [--noise gp|white]
-        [--steps N] [--time-limit S] [--ckpt-dir DIR] [--out assets/models] [--resume]
+    python -m flows.train_residual --stage ae|import|reg|diff|evalreg|save [--task sr8|sr4|inpaint] [--noise gp|white]
+        [--steps N] [--time-limit S] [--ckpt-dir DIR] [--out assets/models] [--resume] [--from MODEL_DIR]
 
 Stages (each checkpointed to --ckpt-dir every --ckpt-every steps and at the end, and resumable with --resume):
   ae    fit the lapped f=8 autoencoder (ops.lapped) on crops of the training photographs -> <ckpt>/ae
+  import  checkpoints from a shipped model (--from assets/models/NAME): its autoencoder, regressor and diffusion
+        weights become <ckpt>/ae, <ckpt>/<task>-reg, <ckpt>/<task>-<noise> (no optimizer state: Adam restarts with
+        a warm-up), so `--resume` continues training it; from a model of another task (sr8 -> sr4) they are the
+        initialisation (step 0, recorded as "init" in the card)
   reg   train the task's regressor (L1 in pixel space through the linear decoder) -> <ckpt>/<task>-reg
   diff  train the residual diffusion model (EDM loss, GP or white noise) with the regressor frozen -> <ckpt>/<task>-<noise>
   save  write <out>/<task>-res-<noise>/ (fp16 safetensors + card) and evaluate it on the held-out views
@@ -31,6 +35,7 @@ from ops.residual import build_residual_model
 from ops.training import (blockiness, degrade_batch, edm_loss, make_noise, mean_gradient, psnr, random_crops, sample,
                           telea_inpaint)
 from storage import train_data
+from tasks.prepare import SR_FACTORS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CKPT = ROOT / ".cache" / "train-residual"
@@ -38,7 +43,18 @@ LATENT_CHANNELS = 48
 REGRESSOR = {"width": 64, "blocks": 4}
 UNET = {"block_out_channels": [48, 96], "layers_per_block": 1, "attention": False, "norm_num_groups": 16}
 TIME_SCALE = 250.0
-BLOCK_WEIGHT = 0.1  # sr8 regressor: without it, its output's cell-border ratio is 1.44x the truth's (step 700)
+BLOCK_WEIGHT = 0.1  # sr regressors: without it, sr8's output's cell-border ratio is 1.44x the truth's (step 700)
+TASKS = ("sr8", "sr4", "inpaint")
+
+
+def model_batch(task: str, x: torch.Tensor, g: torch.Generator, masks: str = "mixed"):
+    """What a model's condition()/predict() takes for ground truth x (B, 3, H, W) -> (input, mask or None, bicubic):
+    sr8: the bicubic x8 upsampling; sr4: the low-res frame itself (H/4, W/4), as the pipeline gives it;
+    inpaint: the image with holes + mask. `bicubic` is the bicubic upsampling (sr) or the input (inpaint)."""
+    degraded, mask = degrade_batch(task, x, g, masks=masks)
+    if task == "sr4":
+        return degrade.downsample(x, SR_FACTORS[task]), mask, degraded
+    return degraded, mask, degraded
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors + json)
@@ -89,6 +105,18 @@ def _sub(tensors: dict, prefix: str) -> dict:
 # ---------------------------------------------------------------- data
 def training_images() -> list[torch.Tensor]:
     return list(train_data.load("train").values())
+
+
+def validation_views(size: int = 256) -> torch.Tensor:
+    """Views (N, 3, size, size) of the VAL photographs (never trained on, not the cards' test views): four crops
+    each, what a schedule is tuned on."""
+    views = []
+    for im in train_data.load("val").values():
+        h, w = im.shape[-2:]
+        for fy, fx in ((0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)):
+            y, x = int(fy * (h - size)), int(fx * (w - size))
+            views.append(im[None, :, y : y + size, x : x + size])
+    return torch.cat(views)
 
 
 def heldout_views(size: int = 256) -> tuple[torch.Tensor, list[str]]:
@@ -160,9 +188,64 @@ def stage_ae(ckpt: Path, steps: int, seed: int, batch: int = 16, crop: int = 64,
     return state
 
 
-def _model(task: str, noise: str | None, ae: LappedAutoencoder, sigma_data: float | None):
-    card = {"task": task, "noise": noise, "autoencoder": ae.config(), "sigma_max": 10.0,
+def stage_import(source: Path, task: str, noise: str | None, ckpt: Path, seed: int = 0) -> dict:
+    """Checkpoints from a shipped model directory (card.json + model.safetensors): the autoencoder (if <ckpt>/ae is
+    missing), the regressor (if <ckpt>/<task>-reg is missing) and, with `noise`, the diffusion model (if
+    <ckpt>/<task>-<noise> is missing). The same task (and noise) continues its training: step and wall time carry
+    on; another task or noise (sr8 -> sr4, gp -> white) starts from step 0 with the weights as "init". Adam has no
+    state to import: a fresh one warms up again from the imported step (`warm_start`)."""
+    from safetensors.torch import load_file
+
+    from storage.models import CARD, WEIGHTS
+
+    card = json.loads((source / CARD).read_text())
+    if card.get("kind") != "residual":
+        raise SystemExit(f"{source} is not a residual model (its card has kind {card.get('kind')!r})")
+    weights = {k: v.float() for k, v in load_file(str(source / WEIGHTS)).items()}
+    tr, done = card["training"], {}
+    if load_ckpt(ckpt / "ae")[1] is None:
+        ae_state = {"done": True, "latent_channels": card["autoencoder"]["latent_channels"],
+                    "factor": card["autoencoder"]["factor"], "seed": seed, **tr["autoencoder"]}
+        save_ckpt(ckpt / "ae", {f"ae.{k}": v for k, v in _sub(weights, "autoencoder").items()}, ae_state)
+        done["ae"] = str(ckpt / "ae")
+    else:
+        mine = _sub(load_ckpt(ckpt / "ae")[0], "ae")
+        theirs = _sub(weights, "autoencoder")
+        if any((mine[k] - theirs[k]).abs().max() > 1e-2 * theirs[k].abs().max().clamp_min(1e-6) for k in theirs):
+            raise SystemExit(f"{source}'s autoencoder differs from the one in {ckpt / 'ae'}: use another --ckpt-dir")
+
+    def write(path: Path, prefix: str, part: dict, same: bool, extra: dict) -> None:
+        w = _sub(weights, prefix)
+        step = int(part["step"]) if same else 0
+        state = {**extra, "step": step, "wall_time_s": float(part["wall_time_s"]) if same else 0.0, "losses": [],
+                 "done": False, "lr": part.get("lr"), "seed": seed, "batch": part["batch"], "crop": part["crop"],
+                 "warm_start": step}
+        if not same:
+            state["init"] = {"from": card["name"], "task": card["task"], "noise": card.get("noise"), "steps": int(part["step"]),
+                             "weights_sha256": card.get("weights_sha256")}
+        g = torch.Generator().manual_seed(seed + 1 + step)
+        save_ckpt(path, {**{f"model.{k}": v for k, v in w.items()}, **{f"ema.{k}": v.clone() for k, v in w.items()},
+                         "rng": g.get_state()}, state)
+        done[path.name] = {"from": card["name"], "continued" if same else "init": int(part["step"])}
+
+    if load_ckpt(ckpt / f"{task}-reg")[1] is None:
+        write(ckpt / f"{task}-reg", "regressor", tr["regressor"], card["task"] == task,
+              {"loss": tr["regressor"]["loss"]})
+    if noise is not None and load_ckpt(ckpt / f"{task}-{noise}")[1] is None:
+        if not _sub(weights, "denoiser"):
+            raise SystemExit(f"{source} is regression-only: it has no diffusion model to import")
+        same = card["task"] == task and card.get("noise") == noise
+        write(ckpt / f"{task}-{noise}", "denoiser", tr["diffusion"], same,
+              {"sigma_data": tr["diffusion"]["sigma_data"] if same else None, "noise": noise})
+    print(json.dumps(done), flush=True)
+    return done
+
+
+def _model(task: str, noise: str | None, ae: LappedAutoencoder, sigma_data: float | None, schedule: dict | None = None):
+    """schedule: {"sigma_max": s, "start": "regression"} for a truncated schedule (ResidualRestorationModel.start)."""
+    card = {"task": task, "noise": noise, "autoencoder": ae.config(), "sigma_max": 10.0, **(schedule or {}),
             **({"prefill": "telea"} if task == "inpaint" else {}),
+            **({"sr_factor": SR_FACTORS[task]} if task == "sr4" else {}),
             "residual": {"regressor": REGRESSOR, "unet": UNET if sigma_data else None, "sigma_data": sigma_data,
                          "time_scale": TIME_SCALE}}
     model = build_residual_model(card, ae)
@@ -171,9 +254,10 @@ def _model(task: str, noise: str | None, ae: LappedAutoencoder, sigma_data: floa
     return model, card
 
 
-def _lr(base: float, step: int, frac: float, warmup: int = 100) -> float:
-    """Linear warm-up over `warmup` steps, then cosine to 5 % of `base` at frac = 1 (of the steps or the time)."""
-    return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+def _lr(base: float, step: int, frac: float, warmup: int = 100, warm_start: int = 0) -> float:
+    """Linear warm-up over `warmup` steps from `warm_start` (0, or the step a fresh Adam took over imported weights),
+    then cosine to 5 % of `base` at frac = 1 (of the steps or the time)."""
+    return base * min(1.0, (step - warm_start + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
 def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, lr: float, seed: int, resume: bool,
@@ -189,7 +273,7 @@ def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, l
     opt = torch.optim.Adam(params, lr=lr)
     ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
     g = torch.Generator().manual_seed(seed)
-    step, wall0, losses = 0, 0.0, []
+    step, wall0, losses, carried = 0, 0.0, [], {}
     if resume:
         tensors, state = load_ckpt(path)
         if state is not None:
@@ -198,11 +282,12 @@ def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, l
             _opt_load(opt, tensors)
             g.set_state(tensors["rng"])
             step, wall0, losses = state["step"], state["wall_time_s"], state["losses"]
+            carried = {k: state[k] for k in ("warm_start", "init") if k in state}
             print(f"{name}: resumed at step {step}", flush=True)
     t0 = time.time()
 
     def save(done: bool):
-        state = {**extra_state, "step": step, "wall_time_s": round(wall0 + time.time() - t0, 1), "losses": losses,
+        state = {**extra_state, **carried, "step": step, "wall_time_s": round(wall0 + time.time() - t0, 1), "losses": losses,
                  "done": done, "lr": lr, "seed": seed, "target_steps": steps}
         save_ckpt(path, {**_flat("model", module), **{f"ema.{k}": v for k, v in ema.items()}, **_opt_flat(opt),
                          "rng": g.get_state()}, state)
@@ -211,9 +296,10 @@ def _loop(name: str, path: Path, module: torch.nn.Module, loss_fn, steps: int, l
     module.train()
     acc = []
     while step < min(steps, stop_at or steps) and not (time_limit and wall0 + time.time() - t0 > time_limit):
-        frac = (wall0 + time.time() - t0) / time_limit if time_limit else step / max(steps, 1)
+        ws = carried.get("warm_start", 0)  # imported weights: the cosine runs from there to `steps`
+        frac = (wall0 + time.time() - t0) / time_limit if time_limit else (step - ws) / max(steps - ws, 1)
         for group in opt.param_groups:
-            group["lr"] = _lr(lr, step, frac)
+            group["lr"] = _lr(lr, step, frac, warm_start=ws)
         loss = loss_fn(step, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,15 +332,15 @@ def stage_reg(task: str, ckpt: Path, steps: int, seed: int, resume: bool, time_l
 
     def loss_fn(step, g):
         x = random_crops(g, images, batch, crop)  # (B, 3, crop, crop)
-        degraded, mask = degrade_batch(task, x, g, masks="mixed")
-        out = model.autoencoder.decode(model.predict(degraded, mask), clamp=False)  # (B, 3, crop, crop)
+        inp, mask, _ = model_batch(task, x, g)
+        out = model.autoencoder.decode(model.predict(inp, mask), clamp=False)  # (B, 3, crop, crop)
         err = (out - x).abs()
         if mask is None:  # + the block pattern a stride-8 predictor is prone to (period-8 corrections)
             return err.mean() + block_weight * (blockiness(out, x, model.factor) - 1) ** 2
         return (err * mask).sum() / mask.sum().clamp_min(1) / 3 + 0.1 * err.mean()
 
-    block_weight = BLOCK_WEIGHT if task == "sr8" else 0.0
-    loss_name = "L1 pixel + %g (blockiness - 1)^2" % block_weight if task == "sr8" else "L1 pixel on holes + 0.1 L1 everywhere"
+    block_weight = BLOCK_WEIGHT if task in SR_FACTORS else 0.0
+    loss_name = "L1 pixel + %g (blockiness - 1)^2" % block_weight if task in SR_FACTORS else "L1 pixel on holes + 0.1 L1 everywhere"
     ema, state = _loop(f"{task}-reg", ckpt / f"{task}-reg", model.regressor, loss_fn, steps, lr, seed, resume,
                        time_limit, ckpt_every, {"batch": batch, "crop": crop, "loss": loss_name},
                        stop_at=stop_at)
@@ -273,40 +359,54 @@ def residual_std(model, images, task: str, g: torch.Generator, n: int = 32, crop
     """std of x0 - mu over training crops (the residual's sigma_data)."""
     with torch.no_grad():
         x = random_crops(g, images, n, crop)
-        degraded, mask = degrade_batch(task, x, g, masks="mixed")
-        return float((model.encode(x) - model.predict(degraded, mask)).std())
+        inp, mask, _ = model_batch(task, x, g)
+        return float((model.encode(x) - model.predict(inp, mask)).std())
 
 
 def stage_diff(task: str, noise: str, ckpt: Path, steps: int, seed: int, resume: bool, time_limit, batch: int = 8,
-               crop: int = 128, lr: float = 5e-4, ckpt_every: int = 100, stop_at: int | None = None) -> dict:
+               crop: int = 128, lr: float = 5e-4, ckpt_every: int = 100, stop_at: int | None = None,
+               p_mean: float = -1.2, p_std: float = 1.2, block_weight: float = 0.0) -> dict:
+    """EDM training of the residual diffusion model. p_mean / p_std: the log-normal training sigmas (a truncated
+    schedule only samples sigma <= its sigma_max, so training can concentrate there); block_weight: weight of
+    (blockiness(decode(D), x) - 1)^2, the cell-border pattern of the decoded prediction (measured before it: the
+    samples of sr8-res-gp had blockiness 1.17 over a regression mean at 1.04)."""
     ae = load_ae(ckpt)
     images = training_images()
     probe, _ = _model(task, noise, ae, 1.0)
     load_regressor(probe, ckpt, task)
     path = ckpt / f"{task}-{noise}"
     _, prev = load_ckpt(path) if resume else (None, None)
-    sd = prev["sigma_data"] if prev else round(residual_std(probe, images, task, torch.Generator().manual_seed(seed + 7)), 4)
+    sd = (prev or {}).get("sigma_data") or round(residual_std(probe, images, task, torch.Generator().manual_seed(seed + 7)), 4)
     model, _ = _model(task, noise, ae, sd)
     load_regressor(model, ckpt, task)
     model.regressor.requires_grad_(False)
 
     def loss_fn(step, g):
         x = random_crops(g, images, batch, crop)
-        degraded, mask = degrade_batch(task, x, g, masks="mixed")
+        inp, mask, _ = model_batch(task, x, g)
         with torch.no_grad():
             x0 = model.encode(x)
-            cond = model.condition(degraded, mask)
+            cond = model.condition(inp, mask)
         n = make_noise(noise, g, x0.shape)
-        return edm_loss(model, x0, cond, n, g, sd)
+        penalty = None
+        if block_weight:
+            penalty = lambda d: block_weight * (blockiness(model.autoencoder.decode(d, clamp=False), x, model.factor) - 1) ** 2
+        return edm_loss(model, x0, cond, n, g, sd, p_mean, p_std, penalty)
 
+    recipe = {"lr": lr, "p_mean": p_mean, "p_std": p_std, "block_weight": block_weight}
+    phases = list((prev or {}).get("phases", []))  # the recipe of every resumed call that changed it, by first step
+    if not phases or {k: phases[-1].get(k) for k in recipe} != recipe:
+        phases.append({"from_step": (prev or {}).get("step", 0), **recipe})
     ema, state = _loop(f"{task}-{noise}", path, model.denoiser, loss_fn, steps, lr, seed, resume, time_limit,
-                       ckpt_every, {"batch": batch, "crop": crop, "sigma_data": sd, "noise": noise}, stop_at=stop_at)
+                       ckpt_every, {"batch": batch, "crop": crop, "sigma_data": sd, "noise": noise, "p_mean": p_mean,
+                                    "p_std": p_std, "block_weight": block_weight, "phases": phases}, stop_at=stop_at)
     return state
 
 
 # ---------------------------------------------------------------- save + evaluate
-def assemble(task: str, noise: str, ckpt: Path, weights: str = "ema"):
-    """The trained model and its card from the checkpoints (`weights`: the diffusion model's 'ema' or raw 'model')."""
+def assemble(task: str, noise: str, ckpt: Path, weights: str = "ema", schedule: dict | None = None):
+    """The trained model and its card from the checkpoints (`weights`: the diffusion model's 'ema' or raw 'model';
+    `schedule`: the card's sampling schedule, see _model)."""
     ae = load_ae(ckpt)
     if noise == "none":  # regression only: D = mu at every sigma (ops.residual), no diffusion weights
         tensors, dstate = {}, {"step": 0, "batch": 0, "crop": 0, "wall_time_s": 0.0, "lr": 0.0, "sigma_data": None}
@@ -314,15 +414,15 @@ def assemble(task: str, noise: str, ckpt: Path, weights: str = "ema"):
         tensors, dstate = load_ckpt(ckpt / f"{task}-{noise}")
         if dstate is None:
             raise SystemExit(f"no diffusion checkpoint in {ckpt / f'{task}-{noise}'}")
-    model, card = _model(task, None if noise == "none" else noise, ae, dstate["sigma_data"])
+    model, card = _model(task, None if noise == "none" else noise, ae, dstate["sigma_data"], schedule)
     rstate = load_regressor(model, ckpt, task)
     if model.denoiser is not None:
         model.denoiser.load_state_dict(_sub(tensors, weights))
     _, astate = load_ckpt(ckpt / "ae")
     card.update(kind="residual", name=f"{task}-reg" if noise == "none" else f"{task}-res-{noise}", sigma_min=0.002,
                 training={"autoencoder": {k: astate[k] for k in ("steps", "batch", "crop", "wall_time_s", "eval")},
-                          "regressor": {k: rstate[k] for k in ("step", "batch", "crop", "wall_time_s", "loss", "lr")},
-                          "diffusion": {**{k: dstate[k] for k in ("step", "batch", "crop", "wall_time_s", "lr", "sigma_data")}, "weights": weights},
+                          "regressor": {k: rstate[k] for k in ("step", "batch", "crop", "wall_time_s", "loss", "lr", "init") if k in rstate},
+                          "diffusion": {**{k: dstate[k] for k in ("step", "batch", "crop", "wall_time_s", "lr", "sigma_data", "p_mean", "p_std", "block_weight", "phases", "init") if k in dstate}, "weights": weights},
                           "device": "cpu (2 shared cores, torch.set_num_threads(1))"},
                 data={"train_photographs": list(train_data.TRAIN), "train_skimage": list(train_data.SKIMAGE_TRAIN),
                       "val_photographs": list(train_data.VAL), "test_photographs": list(train_data.TEST),
@@ -337,15 +437,16 @@ def assemble(task: str, noise: str, ckpt: Path, weights: str = "ema"):
 def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0, masks: str = "free") -> dict:
     """Held-out numbers: diffusion sample (GP and white noise), regression mean, bicubic (+ back-projection) / Telea."""
     g = torch.Generator().manual_seed(seed)
-    degraded, mask = degrade_batch(model.task, views, g, masks=masks)
-    cond = model.condition(degraded, mask)
+    inp, mask, degraded = model_batch(model.task, views, g, masks=masks)
+    cond = model.condition(inp, mask)
     mu = model.decode(cond[:, : model.latent_channels])
     shape = (views.shape[0], model.latent_channels, views.shape[-2] // model.factor, views.shape[-1] // model.factor)
-    low = degrade.downsample(views, model.factor) if model.task == "sr8" else None
+    scale = SR_FACTORS.get(model.task)
+    low = degrade.downsample(views, scale) if scale else None
 
-    def finish(img):  # what tasks/decode.py does: back-projection (sr8) or paste the known pixels (inpaint)
+    def finish(img):  # what tasks/decode.py does: back-projection (sr) or paste the known pixels (inpaint)
         if low is not None:
-            return degrade.back_project(img, low, model.factor)
+            return degrade.back_project(img, low, scale)
         return mask * img + (1 - mask) * views
 
     def stats(img, prefix):
@@ -366,10 +467,10 @@ def evaluate_residual(model, views: torch.Tensor, steps: int = 32, seed: int = 0
     if model.noise:
         res["mismatch_noise"] = "white" if model.noise == "gp" else "gp"
     res.update(stats(finish(mu), "regression_"))
-    if model.task == "sr8":
+    if scale:
         bic = degraded
         res.update(stats(bic, "bicubic_"))
-        res.update(stats(degrade.back_project(bic, low, model.factor), "bicubic_bp_"))
+        res.update(stats(degrade.back_project(bic, low, scale), "bicubic_bp_"))
     else:
         res.update(stats(telea_inpaint(degraded, mask), "telea_"))
         res["hole_fraction"] = float(mask.mean())
@@ -384,13 +485,14 @@ def stage_evalreg(task: str, ckpt: Path, masks: str = "free") -> dict:
     load_regressor(model, ckpt, task)
     views, _ = heldout_views()
     g = torch.Generator().manual_seed(0)
-    degraded, mask = degrade_batch(task, views, g, masks=masks)
-    out = model.decode(model.predict(degraded, mask))
+    inp, mask, degraded = model_batch(task, views, g, masks=masks)
+    out = model.decode(model.predict(inp, mask))
     res = {}
-    if task == "sr8":
-        low = degrade.downsample(views, model.factor)
-        pairs = {"regression": degrade.back_project(out, low, model.factor), "regression_raw": out, "bicubic": degraded,
-                 "bicubic_bp": degrade.back_project(degraded, low, model.factor)}
+    if task in SR_FACTORS:
+        s = SR_FACTORS[task]
+        low = degrade.downsample(views, s)
+        pairs = {"regression": degrade.back_project(out, low, s), "regression_raw": out, "bicubic": degraded,
+                 "bicubic_bp": degrade.back_project(degraded, low, s)}
     else:
         pairs = {"regression": mask * out + (1 - mask) * views, "telea": telea_inpaint(degraded, mask)}
     for k, img in pairs.items():
@@ -402,10 +504,42 @@ def stage_evalreg(task: str, ckpt: Path, masks: str = "free") -> dict:
     return res
 
 
-def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int, weights: str = "ema") -> dict:
+@torch.no_grad()
+def stage_tune(task: str, noise: str, ckpt: Path, sigmas: list[float], eval_steps: int, weights: str = "ema") -> list:
+    """Sampling schedules on the validation views: for each sigma_max, the truncated schedule starting at the
+    regression mean (and the full one from pure noise at 10) -> rows of psnr / grad_ratio / blockiness."""
+    views = validation_views()
+    rows = []
+    for smax in sigmas:
+        schedule = {"sigma_max": smax, "start": "regression"} if smax < 10 else {"sigma_max": smax}
+        model, _ = assemble(task, noise, ckpt, weights, schedule)
+        masks = ("free", "scratch") if task == "inpaint" else ("free",)
+        for m in masks:
+            res, _ = evaluate_residual(model, views, eval_steps, masks=m)
+            keep = ("psnr", "grad_ratio", "blockiness", "hole_psnr", "regression_psnr", "regression_hole_psnr",
+                    "bicubic_bp_psnr", "telea_hole_psnr", "mismatch_psnr", "mismatch_hole_psnr")
+            row = {"sigma_max": smax, "masks": m, **{k: round(v, 3) for k, v in res.items() if k in keep}}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    (ckpt / f"{task}-{noise}").mkdir(parents=True, exist_ok=True)
+    (ckpt / f"{task}-{noise}" / "tune.json").write_text(json.dumps(rows))  # what `save` puts into the card
+    return rows
+
+
+def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int, weights: str = "ema",
+               schedule: dict | None = None) -> dict:
     from storage.models import save_model
 
-    model, card = assemble(task, noise, ckpt, weights)
+    model, card = assemble(task, noise, ckpt, weights, schedule)
+    if schedule:
+        tuned = ckpt / f"{task}-{noise}" / "tune.json"
+        twin = ckpt / f"{task}-gp" / "tune.json"  # a white model takes the schedule chosen for its GP twin
+        source = tuned if tuned.exists() else twin if twin.exists() else None
+        card["schedule"] = {**schedule, "steps_from": "the pipeline's --steps (Karras, rho 7, sigma_max -> sigma_min)",
+                            "chosen_on": f"validation photographs {', '.join(train_data.VAL)} (4 views each, never "
+                                         "trained on, not the test views below): `--stage tune`",
+                            "validation_of": None if source is None else f"{task}-res-{source.parent.name.split('-')[-1]}",
+                            "validation": json.loads(source.read_text()) if source else None}
     views, names = heldout_views()
     res, _ = evaluate_residual(model, views, eval_steps)
     card["eval"] = {**res, "heldout_views": names, "size": 256}
@@ -425,8 +559,9 @@ def stage_save(task: str, noise: str, ckpt: Path, out: Path, eval_steps: int, we
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.train_residual", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=["ae", "reg", "evalreg", "diff", "save"])
-    p.add_argument("--task", default="sr8", choices=["sr8", "inpaint"])
+    p.add_argument("--stage", required=True, choices=["ae", "import", "reg", "evalreg", "diff", "tune", "save"])
+    p.add_argument("--task", default="sr8", choices=list(TASKS))
+    p.add_argument("--from", dest="source", default=None, help="import: a shipped model directory (assets/models/NAME)")
     p.add_argument("--noise", default="gp", choices=["gp", "white", "none"], help="none (save): the regression-only model")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=8)
@@ -441,20 +576,34 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="save: EMA or raw diffusion weights")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--sigma-max", type=float, default=10.0, help="save: the card's sigma_max; below 10 the schedule "
+                   "is truncated and starts at the regression mean (card start = 'regression')")
+    p.add_argument("--tune-sigmas", default="0.05,0.1,0.15,0.2,0.3", help="tune: sigma_max values to compare")
+    p.add_argument("--p-mean", type=float, default=-1.2, help="diff: mean of ln sigma in training (EDM P_mean)")
+    p.add_argument("--p-std", type=float, default=1.2, help="diff: std of ln sigma in training (EDM P_std)")
+    p.add_argument("--block-weight", type=float, default=0.0, help="diff: weight of the decoded prediction's blockiness")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     ckpt = Path(a.ckpt_dir)
     if a.stage == "ae":
         stage_ae(ckpt, a.steps, a.seed)
+    elif a.stage == "import":
+        if not a.source:
+            raise SystemExit("--stage import needs --from assets/models/NAME")
+        stage_import(Path(a.source), a.task, None if a.noise == "none" else a.noise, ckpt, a.seed)
     elif a.stage == "reg":
         stage_reg(a.task, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 1e-3, stop_at=a.stop_at)
     elif a.stage == "evalreg":
         for masks in (("free", "scratch") if a.task == "inpaint" else ("free",)):
             stage_evalreg(a.task, ckpt, masks)
     elif a.stage == "diff":
-        stage_diff(a.task, a.noise, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 5e-4, stop_at=a.stop_at)
+        stage_diff(a.task, a.noise, ckpt, a.steps, a.seed, a.resume, a.time_limit, a.batch, a.crop, a.lr or 5e-4,
+                   stop_at=a.stop_at, p_mean=a.p_mean, p_std=a.p_std, block_weight=a.block_weight)
+    elif a.stage == "tune":
+        stage_tune(a.task, a.noise, ckpt, [float(v) for v in a.tune_sigmas.split(",")], a.eval_steps, a.weights)
     else:
-        stage_save(a.task, a.noise, ckpt, Path(a.out), a.eval_steps, a.weights)
+        schedule = {"sigma_max": a.sigma_max, "start": "regression"} if a.sigma_max < 10 else None
+        stage_save(a.task, a.noise, ckpt, Path(a.out), a.eval_steps, a.weights, schedule)
     return 0
 
 

@@ -285,8 +285,6 @@ class RestorationModel(nn.Module):
         super().__init__()
         if task not in ("sr8", "sr4", "inpaint", "vae", "prior"):
             raise ValueError(f"task must be 'sr8', 'sr4', 'inpaint', 'prior' (unconditional) or 'vae', got {task!r}")
-        if task == "sr4" and low_res is None:
-            raise ValueError("task 'sr4' (the x4 upscaler layout) needs its low-res augmentation (low_res=LowResAugment)")
         if noise not in ("gp", "white", None):
             raise ValueError(f"noise must be 'gp', 'white' or None, got {noise!r}")
         self.autoencoder = autoencoder
@@ -312,6 +310,11 @@ class RestorationModel(nn.Module):
         from .sampling import karras_sigmas
 
         return karras_sigmas(steps, self.sigma_min, self.sigma_max)
+
+    def start(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The latents (B, C, h, w) sampling starts from, x_T = start + sigma_max noise; None: x_T = sigma_max noise
+        (the usual full schedule). A residual model overrides it (ops.residual)."""
+        return None
 
     def encode_prompt(self, prompt: str) -> dict:
         """{"hidden": (1, L, D)[, "pooled", "time_ids"]} on the denoiser's device, cached per prompt."""
@@ -372,6 +375,8 @@ class RestorationModel(nn.Module):
         if self.task == "sr8":
             return self.encode(degraded)
         if self.task == "sr4":  # degraded is the low-res frame itself, at latent size
+            if self.low_res is None:
+                raise ValueError("task 'sr4' (the x4 upscaler layout) needs its low-res augmentation (low_res=LowResAugment)")
             return self.low_res(degraded)  # (B, 3, h, w)
         if self.task == "inpaint":
             if mask is None:

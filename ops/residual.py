@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import degrade
 from .denoisers import EDMDenoiser, RestorationModel, build_unet
 from .training import telea_inpaint
 
@@ -66,7 +67,9 @@ class ResidualDenoiser(nn.Module):
 class ResidualRestorationModel(RestorationModel):
     """RestorationModel whose condition() runs the regressor and whose denoiser diffuses the residual only.
 
-    condition(degraded, mask) -> [mu (C), regressor input (Cr)]: sr8: Cr = C (encode(bicubic)); inpaint:
+    condition(degraded, mask) -> [mu (C), regressor input (Cr)]: sr8: Cr = C (encode(bicubic)); sr4: `degraded` is the
+    low-res frame itself (B, 3, H/s, W/s), as the pipeline gives an x4 model (tasks/encode.py), upsampled here by
+    bicubic x s (s = card["sr_factor"]) and encoded, Cr = C; inpaint:
     Cr = C + f^2 (encode(holes filled by Telea when card["prefill"] == "telea", else 0.5), pixel-unshuffled
     mask: where in each cell the holes are). Measured on held-out views before Telea prefill: the regressor
     alone filled thin scratches at 22.7 dB hole PSNR against Telea's 30.7.
@@ -77,14 +80,19 @@ class ResidualRestorationModel(RestorationModel):
                  task: str, noise: str | None = None, sigma_min: float = 0.002, sigma_max: float = 10.0,
                  card: dict | None = None, model_id: str = ""):
         super().__init__(autoencoder, denoiser, task, noise, sigma_min, sigma_max, card, model_id)
-        if task not in ("sr8", "inpaint"):
-            raise ValueError(f"a residual model restores 'sr8' or 'inpaint', got {task!r}")
+        if task not in ("sr8", "sr4", "inpaint"):
+            raise ValueError(f"a residual model restores 'sr8', 'sr4' or 'inpaint', got {task!r}")
+        if task == "sr4" and not int(self.card.get("sr_factor") or 0) > 1:
+            raise ValueError("an sr4 residual model's card needs sr_factor (the upscaling factor of its low-res input)")
         self.regressor = regressor
 
     def regressor_input(self, degraded: torch.Tensor, mask: torch.Tensor | None = None):
         """-> (regressor input (B, Cr, h, w), encoded degraded frame z_in (B, C, h, w))."""
         if self.task == "sr8":
             z = self.encode(degraded)
+            return z, z
+        if self.task == "sr4":  # the low-res frame (B, 3, H/s, W/s) -> bicubic x s -> (B, C, H/f, W/f)
+            z = self.encode(degrade.upsample(degraded, int(self.card["sr_factor"])))
             return z, z
         if mask is None:
             raise ValueError("inpaint models need a mask (B, 1, H, W) with 1 = hole")
@@ -102,6 +110,17 @@ class ResidualRestorationModel(RestorationModel):
     def condition(self, degraded: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         inp, z = self.regressor_input(degraded, mask)
         return torch.cat([z + self.regressor(inp), inp], dim=1)  # (B, C + Cr, h, w)
+
+    def start(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """card["start"] == "regression": the truncated schedule starts at mu + sigma_max noise (sigma_max of the
+        order of the residual's fine detail, not of the whole frame): the diffusion refines the regression instead
+        of generating the residual from pure noise (SDEdit, Meng et al. 2022; ResShift). Otherwise x_T = sigma_max
+        noise (the full schedule)."""
+        if self.card.get("start") != "regression":
+            return None
+        if cond is None:
+            raise ValueError("a residual model needs its condition (from condition(degraded, mask))")
+        return cond[:, : self.latent_channels]
 
     def denoise(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """x0_hat (B, C, h, w); a regression-only model (no residual denoiser) predicts mu at every sigma, so any

@@ -157,6 +157,7 @@ def sample_video(
     callback: Callable[[dict], None] | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     decoded_size: tuple[int, int] | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample every frame of a video from its (unit-variance) initial noise (F, C, h, w) -> clean latents.
 
@@ -166,7 +167,7 @@ def sample_video(
     and forward / valid are the pixel flows (F-1, H, W, 2) / masks (F-1, H, W).
     """
     latents, _ = sample_window(denoiser, noise, sigmas, cond, forward, valid, guidance, schedule, max_batch, callback,
-                               decode, decoded_size)
+                               decode, decoded_size, start=start)
     return latents
 
 
@@ -184,6 +185,7 @@ def sample_window(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     decoded_size: tuple[int, int] | None = None,
     previous: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`sample_video` for one temporal window of a longer video -> (latents (F, C, h, w), carry).
 
@@ -193,6 +195,8 @@ def sample_window(
     by its predecessor inside one long wavefront (the same step index is compared), so windows of any size
     give the unwindowed numbers to float precision. carry: this window's last frame's predictions, the
     `previous` of the next window (None for the unguided 'parallel' schedule, which needs none).
+    start: the latents (F, C, h, w) a truncated schedule starts from, x_T = start + sigmas[0] noise (the model's
+    `start(cond)`, e.g. a residual model's regression mean; SDEdit, Meng et al. 2022); None: x_T = sigmas[0] noise.
     """
     if (decode is None) != (decoded_size is None):
         raise ValueError("pixel-space guidance needs both decode and decoded_size=(H, W)")
@@ -206,6 +210,9 @@ def sample_window(
     h, w = grid
     sigmas = sigmas.to(device=noise.device, dtype=noise.dtype)
     x0 = noise * sigmas[0]  # (F, C, h, w)
+    if start is not None:
+        check_shape("start", start, tuple(noise.shape), "(the latents the schedule starts from, like the noise)")
+        x0 = x0 + start.to(device=noise.device, dtype=noise.dtype)
     if schedule == "parallel":
         if guidance != 0:
             raise ValueError("schedule 'parallel' ignores the frame order and needs guidance=0; use 'wavefront'")

@@ -98,19 +98,25 @@ def degrade_batch(task: str, images: torch.Tensor, generator: torch.Generator, f
 
 
 def edm_loss(model, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
-             sigma_data: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
-    """EDM loss: E_sigma w(sigma) |D(x0 + sigma n, sigma, cond) - x0|^2, ln sigma ~ N(p_mean, p_std^2)."""
+             sigma_data: float = 1.0, p_mean: float = -1.2, p_std: float = 1.2, penalty=None) -> torch.Tensor:
+    """EDM loss: E_sigma w(sigma) |D(x0 + sigma n, sigma, cond) - x0|^2, ln sigma ~ N(p_mean, p_std^2);
+    + penalty(denoised) when given (e.g. the block pattern of the decoded prediction)."""
     sigma = torch.exp(p_mean + p_std * torch.randn(x0.shape[0], generator=generator, device=x0.device))  # (B,)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    denoised = model.denoise(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
-    return (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
+    denoised = model.denoise(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)  # (B, C, h, w)
+    loss = (weight.view(-1, 1, 1, 1) * (denoised - x0) ** 2).mean()
+    return loss if penalty is None else loss + penalty(denoised)
 
 
 def sample(model, cond: torch.Tensor, noise: torch.Tensor, steps: int = 32, sigma_min: float | None = None,
            sigma_max: float | None = None) -> torch.Tensor:
-    """Euler sampling over Karras sigmas from unit noise (B, C, h, w) -> latents (B, C, h, w)."""
+    """Euler sampling over Karras sigmas from unit noise (B, C, h, w) -> latents (B, C, h, w); x_T = sigma_max noise,
+    plus the model's `start(cond)` when it starts from a mean (a residual model's truncated schedule)."""
     sigmas = karras_sigmas(steps, sigma_min or model.sigma_min, sigma_max or model.sigma_max).to(noise.device)
     x = noise * sigmas[0].to(noise.dtype)
+    mean = model.start(cond)
+    if mean is not None:
+        x = x + mean.to(x.dtype)
     return sample_euler(lambda x, s, c: model.denoise(x, s, c), x, sigmas.to(noise.dtype), cond)
 
 

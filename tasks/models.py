@@ -100,7 +100,7 @@ def model_geometry(name: str) -> dict:
         from ops.autoencoders import FACTOR as PCA_FACTOR  # the PCA autoencoder's own default, when a card omits it
 
         factor = int(card["autoencoder"].get("factor", PCA_FACTOR))
-        unet = (card.get("denoiser") or {}).get("unet")
+        unet = (card.get("denoiser") or card.get("residual") or {}).get("unet")  # residual: ops/residual.py
         levels = len(unet["block_out_channels"]) if unet else 1
         downsampling = 2 ** (levels - 1)
     else:

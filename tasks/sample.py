@@ -155,7 +155,7 @@ class SamplerWorker:
                 start = time.perf_counter()
                 latents, carry = sampling.sample_window(
                     denoiser, x, sigmas, cond, fwd, valid, guidance=guidance, schedule=schedule, max_batch=max_batch,
-                    callback=callback, previous=carry, **decoding,
+                    callback=callback, previous=carry, start=self.model.start(cond), **decoding,
                 )
                 seconds += time.perf_counter() - start
                 data = {"latents": (("frame", "c", "ly", "lx"), latents.float().cpu().numpy())}

@@ -225,8 +225,11 @@ def test_device_and_dtype_options_validated():
     assert RestoreConfig(input="x.mp4").text is None
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         RestoreConfig(input="x.mp4", device="gpu")
-    with pytest.raises(ValueError, match="needs --model"):
-        RestoreConfig(input="x.mp4", task="sr4")
+    assert RestoreConfig(input="x.mp4", task="sr4").model_name == store.DEFAULT_MODELS["sr4"]  # the embedded x4 model
+    with pytest.MonkeyPatch.context() as mp:  # a conditional task without an embedded model needs --model
+        mp.delitem(store.DEFAULT_MODELS, "sr4")
+        with pytest.raises(ValueError, match="needs --model"):
+            RestoreConfig(input="x.mp4", task="sr4")
     assert main(["run", "x.mp4", "--dtype", "float64"]) == 2
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):

@@ -58,8 +58,10 @@ def test_memory_refusal_names_the_numbers_and_the_way_out(tmp_path):
         pf.preflight(cfg, available=GIB)  # less than the process itself
     msg = str(err.value)
     assert "GiB" in msg and "--tile" in msg and "--window" in msg and "--frames" in msg and "176x144" in msg
-    with pytest.raises(pf.PreflightError, match="multiple of 4"):
-        pf.preflight(cfg.model_copy(update={"tile": 30}))
+    with pytest.raises(pf.PreflightError, match="multiple of 4"):  # the 3-level UNet halves the latent twice
+        pf.preflight(cfg.model_copy(update={"tile": 30, "model": "sr8-gp"}))
+    with pytest.raises(pf.PreflightError, match="multiple of 2"):  # the default residual model's 2-level UNet once
+        pf.preflight(cfg.model_copy(update={"tile": 31}))
 
 
 def test_window_and_tile_settings_are_validated():

@@ -176,7 +176,7 @@ def test_regressor_learns_a_linear_map():
     assert float(loss) < 0.3 * first
 
 
-@pytest.mark.parametrize("name", ["sr8-reg", "sr8-res-gp", "sr8-res-white", "inpaint-reg", "inpaint-res-gp"])
+@pytest.mark.parametrize("name", ["sr8-reg", "sr8-res-gp", "sr8-res-white", "sr4-res-gp", "sr4-res-white", "inpaint-reg", "inpaint-res-gp", "inpaint-res-white"])
 def test_shipped_residual_models_load_and_never_saw_the_demo_image(name):
     from storage.sample import SOURCE_IMAGE
     from storage.train_data import SKIMAGE_TEST, TEST
@@ -187,8 +187,72 @@ def test_shipped_residual_models_load_and_never_saw_the_demo_image(name):
     seen = set(card["data"]["train_photographs"]) | set(card["data"]["train_skimage"])
     assert SOURCE_IMAGE not in seen and not seen & (set(TEST) | set(SKIMAGE_TEST))
     assert card["steps"] > 0 and card["wall_time_s"] > 0 and card["eval"]["views"] >= 14
-    x = _images(1, 64)
+    x = _images(1, 16) if model.task == "sr4" else _images(1, 64)  # sr4 takes the low-res frame: 16 x 4 = 64 px
     mask = (torch.rand(1, 1, 64, 64) < 0.1).float() if model.task == "inpaint" else None
     with torch.no_grad():
         d = model.denoise(torch.randn(1, model.latent_channels, 8, 8), torch.tensor([1.0]), model.condition(x, mask))
     assert d.shape == (1, model.latent_channels, 8, 8) and torch.isfinite(d).all()
+
+
+def test_sr4_residual_model_conditions_on_the_low_res_frame():
+    card = {**_card("sr8"), "task": "sr4", "name": "sr4-res-gp", "sr_factor": 4}
+    model = store.build_model(card, "m")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    low = _images(2, 8)  # (2, 3, 8, 8): the low-res frame, as the pipeline's encode stage gives an x4 model
+    cond = model.condition(low)
+    assert cond.shape == (2, 12, 4, 4)  # (B, C + C, 32 / 8, 32 / 8)
+    z = model.encode(training.degrade.upsample(low, 4))
+    assert torch.allclose(cond[:, 6:], z) and torch.allclose(cond[:, :6], model.predict(low))
+    with pytest.raises(ValueError, match="sr_factor"):
+        store.build_model({**card, "sr_factor": None}, "m")
+
+
+def test_truncated_schedule_starts_at_the_regression_mean():
+    from ops import sampling
+
+    model = store.build_model({**_card("sr8"), "sigma_max": 0.2, "start": "regression"}, "m")
+    cond = model.condition(_images(2, 32))
+    mu = cond[:, :6]
+    assert torch.equal(model.start(cond), mu)
+    assert store.build_model(_card("sr8"), "m").start(cond) is None  # the full schedule starts from noise
+    noise = torch.randn(2, 6, 4, 4)
+    # With D = c the probability-flow ODE is x(s) = c + (x_T - c) s / s_T: x_T must be start + s_T noise.
+    c = torch.full_like(mu, 0.3)
+    sigmas = torch.tensor([0.2, 0.1, 0.05], dtype=torch.float32)
+    out, _ = sampling.sample_window(lambda x, s, k: c + 0 * x, noise, sigmas, cond, guidance=0.0, schedule="parallel",
+                                    start=mu)
+    assert torch.allclose(out, c + (mu + 0.2 * noise - c) * 0.25, atol=1e-6)
+    with torch.no_grad():  # a regression-only model with the truncated schedule ends at mu
+        reg = store.build_model({**_card("sr8"), "sigma_max": 0.2, "start": "regression",
+                                 "residual": {**_card("sr8")["residual"], "unet": None}}, "m")
+        cond = reg.condition(_images(2, 32))
+        assert torch.allclose(training.sample(reg, cond, noise, steps=4), cond[:, :6], atol=1e-5)
+
+
+def test_import_continues_the_same_task_and_initialises_another(tmp_path):
+    from flows.train_residual import load_ckpt, stage_import
+
+    card = {**_card("sr8"), "training": {
+        "autoencoder": {"steps": 5, "batch": 2, "crop": 16, "wall_time_s": 1.0, "eval": {}},
+        "regressor": {"step": 40, "batch": 2, "crop": 16, "wall_time_s": 3.0, "loss": "L1", "lr": 1e-3},
+        "diffusion": {"step": 70, "batch": 2, "crop": 16, "wall_time_s": 9.0, "lr": 5e-4, "sigma_data": 0.5}}}
+    model = store.build_model(card, "m")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    store.save_model(model, tmp_path / "sr8-res-gp", card)
+    ck = tmp_path / "ck"
+    stage_import(tmp_path / "sr8-res-gp", "sr8", "gp", ck)
+    tensors, reg = load_ckpt(ck / "sr8-reg")
+    _, diff = load_ckpt(ck / "sr8-gp")
+    assert reg["step"] == 40 and reg["warm_start"] == 40 and reg["wall_time_s"] == 3.0 and "init" not in reg
+    assert diff["step"] == 70 and diff["sigma_data"] == 0.5
+    w = model.regressor.state_dict()["tail.weight"].half().float()
+    assert torch.equal(tensors["model.tail.weight"], w) and torch.equal(tensors["ema.tail.weight"], w)
+    stage_import(tmp_path / "sr8-res-gp", "sr4", "white", ck)  # another task: the weights start it at step 0
+    _, reg4 = load_ckpt(ck / "sr4-reg")
+    _, diff4 = load_ckpt(ck / "sr4-white")
+    assert reg4["step"] == 0 and reg4["init"]["from"] == "sr8-res-gp" and reg4["init"]["steps"] == 40
+    assert diff4["step"] == 0 and diff4["sigma_data"] is None and diff4["init"]["noise"] == "gp"

@@ -83,7 +83,8 @@ def _psnr(a, b) -> float:
 
 
 def test_pad_multiple_is_read_from_the_card_and_from_diffusers_configs(tmp_path):
-    assert model_geometry("sr8") == {"factor": 8, "downsampling": 4, "multiple": 32}  # 3-level UNet at f=8
+    assert model_geometry("sr8-gp") == {"factor": 8, "downsampling": 4, "multiple": 32}  # 3-level UNet at f=8
+    assert model_geometry("sr8") == {"factor": 8, "downsampling": 2, "multiple": 16}  # the default: residual, 2 levels
     assert pad_multiple("inpaint-gp") == 32 and pad_multiple("vae-pca") == 8  # no denoiser: the latent factor
     d = tmp_path / "sd-like"
     for sub, cfg in (("unet", {"_class_name": "UNet2DModel", "down_block_types": ["DownBlock2D"] * 4,
@@ -123,7 +124,8 @@ def test_odd_sizes_are_padded_to_the_models_multiple_and_cropped_back(tmp_path, 
         out = net.denoise(torch.from_numpy(noise[:1].values), torch.tensor([1.0]), torch.from_numpy(cond[:1].values))
     assert out.shape == noise[:1].shape
     # decode crops back: the clean latents of the conditioning itself decode to the prepared frames, cropped
-    latents = cond.values if task == "sr8" else cond.values[:, 1:]  # inpaint: [pooled mask, encoded image]
+    c = net.latent_channels  # residual models: cond = [mu, ...]; PCA inpaint: [pooled mask, encoded image]
+    latents = cond.values[:, 1 : 1 + c] if task == "inpaint" and cond.shape[1] == 1 + c else cond.values[:, :c]
     store.write("sample", "s", xr.Dataset({"latents": (("frame", "c", "ly", "lx"), latents)}))
     frames = _decode(store, k, model=model)
     out_h, out_w = (height, width) if mode == "benchmark" else (8 * height, 8 * width)
@@ -157,19 +159,25 @@ def test_streamed_stages_equal_the_whole_clip_results(tmp_path, monkeypatch):
     for stage, key in (("extract_frames", "extract"), ("estimate_flow", "flow"), ("encode", "encode")):
         a, b = whole.open(stage, kw[key]), streamed.open(stage, ks[key])
         for name in a.data_vars:
-            np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{stage}.{name}")
+            if stage == "encode":  # the default (residual) model's regressor convolutions round differently per batch size
+                np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-4, err_msg=f"{stage}.{name}")
+            else:
+                np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{stage}.{name}")
     a, b = whole.open("generate_noise", kw["noise"])["noise"].values, streamed.open("generate_noise", ks["noise"])["noise"].values
-    np.testing.assert_allclose(a, b, atol=1e-5)  # NUFFT type 3 picks its grid from the points' extent: tol 1e-6
+    # NUFFT type 3 picks its grid from the points' extent: tol 1e-6 per value; over the default model's 48 channels
+    # the largest of ~27k differences reaches 1.01e-5
+    np.testing.assert_allclose(a, b, atol=2e-5)
     flows = whole.open("estimate_flow", kw["flow"])
     # and both equal the whole-clip ops: chained positions, GP noise at them
     bwd = torch.from_numpy(flows["latent_backward"].values).double()
     np.testing.assert_allclose(flows["latent_positions"].values, flowops.chain_positions(bwd).numpy(), atol=1e-12)
     gp = noise_warp.warp_noise("gp", np.random.default_rng(0), a.shape, positions=torch.from_numpy(flows["latent_positions"].values))
-    np.testing.assert_allclose(a, gp.numpy(), atol=1e-5)
+    np.testing.assert_allclose(a, gp.numpy(), atol=2e-5)
     assert np.asarray(flows.attrs["cuts"]).size == 0 and (flows["shot"].values == 0).all()  # a smooth pan: no cut
-    for store, k in ((whole, kw), (streamed, ks)):
-        store.write("sample", "s", xr.Dataset(
-            {"latents": (("frame", "c", "ly", "lx"), store.open("encode", k["encode"])["cond_latents"].values)}))
+    c = get_model("sr8").latent_channels  # a residual model's condition is [mu, regressor input]: mu is a latent
+    latents = whole.open("encode", kw["encode"])["cond_latents"].values[:, :c]
+    for store in (whole, streamed):
+        store.write("sample", "s", xr.Dataset({"latents": (("frame", "c", "ly", "lx"), latents)}))
     np.testing.assert_array_equal(_decode(whole, kw), _decode(streamed, ks))
 
 
