@@ -35,7 +35,7 @@ from ops.residual import build_residual_model
 from ops.training import (blockiness, degrade_batch, edm_loss, make_noise, mean_gradient, psnr, random_crops, sample,
                           telea_inpaint)
 from storage import train_data
-from tasks.prepare import SR_FACTORS
+from tasks.degrade import SR_FACTORS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CKPT = ROOT / ".cache" / "train-residual"
