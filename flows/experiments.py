@@ -286,7 +286,7 @@ def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
 
 def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEFAULT_SEEDS,
                     work_root: str = DEFAULT_WORK_ROOT, guidance: float | None = None, space: str | None = None,
-                    frames: int | None = None, task: str = "sr8") -> list[RunSpec]:
+                    frames: int | None = None, task: str = "sr8", iterations: int | None = None) -> list[RunSpec]:
     """Every configuration of experiment `name` on `clips` (Clip objects, or one video path) (pure: builds dicts).
 
     steps / guidance / space override the experiment's defaults (warped-diffusion's lambda and guidance space; the
@@ -318,6 +318,8 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
                     flow_backend=f"shift:{SHIFT_PX[0]},{SHIFT_PX[1]}")))
     elif name == "zero-shot":
         base["steps"] = steps or ZERO_SHOT_STEPS
+        if iterations is not None:
+            base["iterations"] = iterations
         cells.extend(zero_shot_cells(lam))
     elif name == "video-sr":
         for method in METHODS:
@@ -347,7 +349,8 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
 
 
 def prepare_clips(name: str, input: str | None, work_root: str, frames: int | None, seeds: int,
-                  tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES, models_root=None) -> list[Clip]:
+                  tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES, models_root=None,
+                  size: int | None = None) -> list[Clip]:
     """The experiment's clips. shift-inpaint: the panned still (`input` = an image, default SHIFT_IMAGE) and its
     hole videos; guidance-sweep: the tuning clip; video-sr: the report clips. `input` = a video replaces the
     rendered clips (no exact flow then)."""
@@ -365,8 +368,8 @@ def prepare_clips(name: str, input: str | None, work_root: str, frames: int | No
     if input:
         return [Clip(path=input, image=_image_name(input), role="report", kind="video")]
     if name == "guidance-sweep":
-        return [make_clip(tune_image, "tuning", work_root, frames or SWEEP_FRAMES, models_root=models_root)]
-    return [make_clip(image, "report", work_root, frames or CLIP_FRAMES, models_root=models_root) for image in report_images]
+        return [make_clip(tune_image, "tuning", work_root, frames or SWEEP_FRAMES, size, models_root=models_root)]
+    return [make_clip(image, "report", work_root, frames or CLIP_FRAMES, size, models_root=models_root) for image in report_images]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,7 +467,8 @@ def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) 
     """The input itself and the ground truth, scored like a method: row -> metrics.
 
     SR (scale read off the prepared data): bicubic xS (the model's conditioning), and bicubic + iterative
-    back-projection; inpainting: the masked input filled by OpenCV Telea. The truth row is the floor of every
+    back-projection; inpainting: the masked input filled by OpenCV Telea; deblur / denoise: the degraded input
+    itself (the blurred / noisy frames the solvers start from). The truth row is the floor of every
     warping error (what a perfect restoration scores) against each flow.
     """
     import torch
@@ -481,6 +485,9 @@ def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) 
         mask = torch.from_numpy(prepared["mask"].values)[:, None].float()  # (F, 1, Hp, Wp)
         rows[f"{INPUT_ROW}: Telea"] = telea_inpaint(cond.float(), mask).double()
         hole = prepared["mask"].values[:, :h, :w] > 0
+    elif prepared.attrs.get("task") in ("deblur", "denoise"):
+        rows[f"{INPUT_ROW}: {'blurred' if prepared.attrs['task'] == 'deblur' else 'noisy'}"] = cond
+        hole = None
     else:
         low = _float(prepared["input"].values)
         scale = cond.shape[-1] // low.shape[-1]
@@ -596,7 +603,7 @@ def _log_row_run(name: str, parent_id: str, uri: str, row: str, clip: Clip, seed
 def run_experiment(name: str, input: str | None = None, frames: int | None = None, steps: int | None = None,
                    seeds: int = DEFAULT_SEEDS, work_root: str | None = None, log=print, guidance: float | None = None,
                    space: str | None = None, tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES,
-                   models_root=None, task: str = "sr8") -> dict:
+                   models_root=None, task: str = "sr8", iterations: int | None = None, size: int | None = None) -> dict:
     """Run every configuration of `name` nested under one parent MLflow run, score every run (and the input and
     truth rows) against the estimated and the exact flow, then log compare's table and plots.
 
@@ -620,9 +627,9 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
         space = space or tuning["guidance_space"]
     tuned_on = (f"{tuning['clip']} (guidance-sweep, {tuning['row']})" if tuning
                 else "untuned defaults (no guidance-sweep run)") if name == "video-sr" else None
-    clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root)
+    clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root, size)
     specs = experiment_grid(name, clips, steps, seeds, work_root, guidance=guidance, space=space,
-                            frames=frames if input else None, task=task)
+                            frames=frames if input else None, task=task, iterations=iterations)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
@@ -635,8 +642,9 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
         tracking.log_config({"experiment": name, "clips": {c.image: c.role for c in clips}, "frames": frames,
                              "steps": specs[0].config["steps"],
                              "guidance": None if name == "guidance-sweep" else specs[0].config["guidance"],
-                             "guidance_space": None if name == "guidance-sweep" else specs[0].config["guidance_space"],
+                             "guidance_space": None if name == "guidance-sweep" else specs[0].config.get("guidance_space"),
                              "seeds": seeds, "configurations": len(specs), "tuned_on": tuned_on,
+                             "iterations": iterations, "clip_size": size,
                              "shift_px": list(SHIFT_PX) if name == "shift-inpaint" else None})
         client = MlflowClient(tracking_uri=uri)
         done_inputs: set = set()
@@ -712,7 +720,8 @@ def experiments(name: str = "video-sr", input: str | None = None, frames: int | 
 
 def experiment_cli(args) -> int:
     """`restore-video experiment NAME|all [--input URL] [--frames N] [--steps N] [--guidance L] [--guidance-space S]
-    [--seeds N] [--task sr8|sr4] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
+    [--seeds N] [--task sr8|sr4] [--tune-image IMG] [--report-images A,B] [--iterations N] [--size PX]
+    [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
     names = PAPER_EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
@@ -727,7 +736,8 @@ def experiment_cli(args) -> int:
             result = run_experiment(name, args.input, args.frames, args.steps, args.seeds, args.work_root, log=log,
                                     guidance=getattr(args, "guidance", None), space=getattr(args, "guidance_space", None),
                                     tune_image=getattr(args, "tune_image", None) or TUNE_IMAGE, report_images=report_images,
-                                    task=getattr(args, "task", None) or "sr8")
+                                    task=getattr(args, "task", None) or "sr8",
+                                    iterations=getattr(args, "iterations", None), size=getattr(args, "size", None))
         except (ValueError, ValidationError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
