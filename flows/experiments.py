@@ -435,7 +435,8 @@ def run_outputs(report: dict, cfg, clip: Clip) -> dict:
     prepared = store.open("prepare", keys["prepare"]).load()
     out = {"frames": store.open("decode", keys["decode"])["frames"].values,  # (F, H, W, 3) uint8, cropped
            "prepared": prepared, "flows": store.open("estimate_flow", keys["estimate_flow"]).load(),
-           "latents": store.open("sample", keys["sample"])["latents"].values, "prepare_key": keys["prepare"]}
+           "latents": store.open("sample", keys["sample"])["latents"].values, "prepare_key": keys["prepare"],
+           "sampling_seconds": float(store.open("sample", keys["sample"]).attrs.get("sampling_seconds", float("nan")))}
     if "truth" in prepared:
         out["truth"] = prepared["truth"].values  # (F, Hp, Wp, 3), padded
     else:  # restore mode on our own clip (shift-inpaint): the clip is the truth
@@ -454,13 +455,16 @@ def _pad(frames, hp: int, wp: int):
 
 
 def score_run(outputs: dict, clip: Clip, factor: int) -> dict:
-    """A method run's row metrics (same function as the input rows)."""
+    """A method run's row metrics (same function as the input rows), plus the sample stage's seconds per frame
+    (stored with the artifact, so a cached run reports the time it took when computed)."""
     frames = _float(outputs["frames"])
     f, _, h, w = frames.shape
     hp, wp = outputs["truth"].shape[1:3]
     mask = outputs["prepared"]["mask"].values[:, :h, :w] > 0 if "mask" in outputs["prepared"] else None
     exact = clip.exact_forward(hp, wp) if clip.kind != "video" else None
-    return score(frames, _float(outputs["truth"][:, :h, :w]), outputs["flows"], exact, outputs["latents"], factor, mask)
+    out = score(frames, _float(outputs["truth"][:, :h, :w]), outputs["flows"], exact, outputs["latents"], factor, mask)
+    out["seconds_per_frame"] = outputs.get("sampling_seconds", float("nan")) / f  # the sample artifact's own timing
+    return out
 
 
 def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) -> dict[str, dict]:
