@@ -26,6 +26,9 @@ Solvers:
   all frames, evaluated at their flow-chained positions: the sources stay consistent by construction).
   Self-guidance is not differentiated through (its own gradient would need second-order autograd): the
   optimisation runs the unguided R, and the final sample from the optimised source runs with guidance.
+  The start (`dflow_start`, D-Flow Sec. 4): R^-1 of the encoded back-projection of y (`invert`, the ODE run
+  backwards), blended with the prior draw (`blend_source`); a video source starts from the MAP GP weights of that
+  inversion (`VideoSource.fit`), so it stays consistent by construction.
 - `vipaint` (Agarwal et al. 2024), simplified: Gaussian posteriors over K noise levels of our schedule
   (sigmas[levels]), a top level q(x_{s1}) = N(m_1, diag v_1) against the prior N(0, (s1^2 + sigma_data^2) I),
   and transitions q(x_{s_i} | x_{s_{i-1}}) = N(mu_p + m_i, diag v_i) where N(mu_p, v_p) is the prior's ancestral
