@@ -297,9 +297,9 @@ class VideoSource:
             raise ValueError("fitting weights needs the dense basis; build the source with backend='dense'")
         check_shape("noise", noise, self.shape, "(the source's frames, channels, h, w)")
         b = self.basis.double().flatten(0, 1)  # (F*h*w, J)
-        rhs = b.T @ noise.double().transpose(0, 1).flatten(1).T  # (J, C)
-        gram = b.T @ b + ridge * torch.eye(b.shape[1], dtype=b.dtype)
-        return torch.linalg.solve(gram, rhs).T.to(self.basis.dtype)  # (C, J)
+        rhs = b.T @ noise.detach().to(b).transpose(0, 1).flatten(1).T  # (J, C)
+        gram = b.T @ b + ridge * torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
+        return torch.linalg.solve(gram, rhs).T.to(device=noise.device, dtype=self.basis.dtype)  # (C, J)
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
         f, c, h, w = self.shape
@@ -310,10 +310,11 @@ class VideoSource:
 
 
 def video_source(features: gp.RFFeatures, positions: torch.Tensor, dtype=torch.float32, backend: str = "dense",
-                 tol: float = 1e-9) -> tuple[VideoSource, torch.Tensor]:
+                 tol: float = 1e-9, device=None) -> tuple[VideoSource, torch.Tensor]:
     """The video-level source of `features` at chained latent positions (F, h, w, 2) -> (source, initial weights (C, J)).
 
-    The initial weights are the draw's own, so source(w0) equals ops.gp.gp_noise_at at those positions.
+    The initial weights are the draw's own, so source(w0) equals ops.gp.gp_noise_at at those positions. device: where
+    the dense basis, the initial weights and so the noise live (None: CPU; the nufft backend always runs on the CPU).
     """
     check_choice("backend", backend, ("dense", "nufft"))
     positions = torch.as_tensor(positions)
@@ -326,8 +327,10 @@ def video_source(features: gp.RFFeatures, positions: torch.Tensor, dtype=torch.f
         basis = torch.empty(f, h * w, features.num_features, dtype=dtype)  # (F, h*w, J)
         for j, frame in enumerate(torch.from_numpy(points).view(f, h * w, 2)):
             basis[j] = math.sqrt(2.0 / features.num_features) * torch.cos(frame @ freqs + phases)
+    if basis is not None and device is not None:
+        basis = basis.to(device)
     source = VideoSource(features, points, (f, features.channels, h, w), backend, tol, basis)
-    return source, torch.from_numpy(features.weights).to(dtype)
+    return source, torch.from_numpy(features.weights).to(dtype=dtype, device=device if basis is not None else None)
 
 
 def _window_variance(window: list[torch.Tensor]) -> float:

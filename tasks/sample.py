@@ -222,7 +222,7 @@ class SamplerWorker:
                 if source_kind == "video":
                     positions = torch.from_numpy(flows["latent_positions"].values)  # (F, h, w, 2)
                     features = gp.draw_rff(np.random.default_rng(seed), x.shape[1], max(x.shape[-2:]))  # the noise stage's draw
-                    source, start = solvers.video_source(features, positions)
+                    source, start = solvers.video_source(features, positions, device=x.device)
                     extra["source"] = source
                     start = start.to(x)  # (C, J)
                 alpha = params.pop("init", 0.0)  # D-Flow's start: the inverted back-projection (cond) blended in
