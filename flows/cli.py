@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-image", default=None, help="photograph of the guidance sweep's clip (default rocket)")
     p.add_argument("--report-images", default=None, help="comma-separated photographs of video-sr's clips (default coffee,motorcycle_right)")
     p.add_argument("--update-doc", default=None, help="write each table into this markdown file (e.g. EXPERIMENTS.md)")
+    p.add_argument("--iterations", type=int, default=None, help="zero-shot: dflow / vipaint iterations (default: run's)")
+    p.add_argument("--size", type=int, default=None, help="side of the rendered report/tuning clips in pixels (default 256)")
     p.add_argument("--work-root", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_experiment)

@@ -31,7 +31,7 @@ METRICS = (
 )
 EXACT_METRICS = tuple(f"{m}_exact" for m in METRICS[:4])  # the same warping errors against the exact flow
 SHARPNESS_METRICS = ("grad_ratio", "blockiness", "noise_sigma")
-OPTIONAL_METRICS = EXACT_METRICS + SHARPNESS_METRICS + ("hole_psnr", "lpips")
+OPTIONAL_METRICS = EXACT_METRICS + SHARPNESS_METRICS + ("hole_psnr", "lpips", "seconds_per_frame")
 HEADERS = {
     "warping_error_pixel_first": "WE pixel first",
     "warping_error_pixel_prev": "WE pixel prev",
@@ -48,6 +48,7 @@ HEADERS = {
     "noise_sigma": "noise σ (NR)",
     "hole_psnr": "hole PSNR (dB)",
     "lpips": "LPIPS",
+    "seconds_per_frame": "s/frame (sampling)",
 }
 PER_FRAME_METRIC = "per_frame_warping_error_pixel_first"
 LPIPS_FOOTNOTE = ("LPIPS is not reported: no LPIPS weights are present locally, and this project never downloads "
@@ -140,7 +141,7 @@ def build_table(runs_df) -> list[dict]:
 def present_metrics(rows: list[dict]) -> list[str]:
     """The metric columns worth printing: the fixed six and the optional ones some row has (exact-flow warping errors
     after the estimated ones, sharpness after PSNR/SSIM)."""
-    order = METRICS[:4] + EXACT_METRICS + METRICS[4:] + SHARPNESS_METRICS + ("hole_psnr", "lpips")
+    order = METRICS[:4] + EXACT_METRICS + METRICS[4:] + SHARPNESS_METRICS + ("hole_psnr", "lpips", "seconds_per_frame")
     return [m for m in order if m in METRICS or any(not math.isnan(r[f"{m}_mean"]) for r in rows)]
 
 

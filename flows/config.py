@@ -177,7 +177,9 @@ class RestoreSettings(BaseModel):
             return {}
         params = {"solver": self.solver}
         if self.solver in SOURCE_SOLVERS:
-            params.update(source=self.source, iterations=self.iterations)
+            from ops.solvers import INIT_BLEND
+
+            params.update(source=self.source, iterations=self.iterations, init=INIT_BLEND)
         if self.solver == "vipaint":
             params["iterations"] = self.iterations
         if self.solver in ("dps", "vipaint"):

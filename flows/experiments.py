@@ -286,7 +286,8 @@ def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
 
 def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEFAULT_SEEDS,
                     work_root: str = DEFAULT_WORK_ROOT, guidance: float | None = None, space: str | None = None,
-                    frames: int | None = None, task: str = "sr8", lambdas=None, sweep_steps=None) -> list[RunSpec]:
+                    frames: int | None = None, task: str = "sr8", lambdas=None, sweep_steps=None,
+                    iterations: int | None = None) -> list[RunSpec]:
     """Every configuration of experiment `name` on `clips` (Clip objects, or one video path) (pure: builds dicts).
 
     steps / guidance / space override the experiment's defaults (warped-diffusion's lambda and guidance space; the
@@ -326,6 +327,8 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
                     flow_backend=f"shift:{SHIFT_PX[0]},{SHIFT_PX[1]}")))
     elif name == "zero-shot":
         base["steps"] = steps or ZERO_SHOT_STEPS
+        if iterations is not None:
+            base["iterations"] = iterations
         cells.extend(zero_shot_cells(lam))
     elif name == "video-sr":
         for method in METHODS:
@@ -355,7 +358,8 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
 
 
 def prepare_clips(name: str, input: str | None, work_root: str, frames: int | None, seeds: int,
-                  tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES, models_root=None) -> list[Clip]:
+                  tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES, models_root=None,
+                  size: int | None = None) -> list[Clip]:
     """The experiment's clips. shift-inpaint: the panned still (`input` = an image, default SHIFT_IMAGE) and its
     hole videos; guidance-sweep: the tuning clip; video-sr: the report clips. `input` = a video replaces the
     rendered clips (no exact flow then)."""
@@ -373,8 +377,8 @@ def prepare_clips(name: str, input: str | None, work_root: str, frames: int | No
     if input:
         return [Clip(path=input, image=_image_name(input), role="report", kind="video")]
     if name == "guidance-sweep":
-        return [make_clip(tune_image, "tuning", work_root, frames or SWEEP_FRAMES, models_root=models_root)]
-    return [make_clip(image, "report", work_root, frames or CLIP_FRAMES, models_root=models_root) for image in report_images]
+        return [make_clip(tune_image, "tuning", work_root, frames or SWEEP_FRAMES, size, models_root=models_root)]
+    return [make_clip(image, "report", work_root, frames or CLIP_FRAMES, size, models_root=models_root) for image in report_images]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,7 +446,8 @@ def run_outputs(report: dict, cfg, clip: Clip) -> dict:
     prepared = store.open("prepare", keys["prepare"]).load()
     out = {"frames": store.open("decode", keys["decode"])["frames"].values,  # (F, H, W, 3) uint8, cropped
            "prepared": prepared, "flows": store.open("estimate_flow", keys["estimate_flow"]).load(),
-           "latents": store.open("sample", keys["sample"])["latents"].values, "prepare_key": keys["prepare"]}
+           "latents": store.open("sample", keys["sample"])["latents"].values, "prepare_key": keys["prepare"],
+           "sampling_seconds": float(store.open("sample", keys["sample"]).attrs.get("sampling_seconds", float("nan")))}
     if "truth" in prepared:
         out["truth"] = prepared["truth"].values  # (F, Hp, Wp, 3), padded
     else:  # restore mode on our own clip (shift-inpaint): the clip is the truth
@@ -461,20 +466,24 @@ def _pad(frames, hp: int, wp: int):
 
 
 def score_run(outputs: dict, clip: Clip, factor: int) -> dict:
-    """A method run's row metrics (same function as the input rows)."""
+    """A method run's row metrics (same function as the input rows), plus the sample stage's seconds per frame
+    (stored with the artifact, so a cached run reports the time it took when computed)."""
     frames = _float(outputs["frames"])
     f, _, h, w = frames.shape
     hp, wp = outputs["truth"].shape[1:3]
     mask = outputs["prepared"]["mask"].values[:, :h, :w] > 0 if "mask" in outputs["prepared"] else None
     exact = clip.exact_forward(hp, wp) if clip.kind != "video" else None
-    return score(frames, _float(outputs["truth"][:, :h, :w]), outputs["flows"], exact, outputs["latents"], factor, mask)
+    out = score(frames, _float(outputs["truth"][:, :h, :w]), outputs["flows"], exact, outputs["latents"], factor, mask)
+    out["seconds_per_frame"] = outputs.get("sampling_seconds", float("nan")) / f  # the sample artifact's own timing
+    return out
 
 
 def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) -> dict[str, dict]:
     """The input itself and the ground truth, scored like a method: row -> metrics.
 
     SR (scale read off the prepared data): bicubic xS (the model's conditioning), and bicubic + iterative
-    back-projection; inpainting: the masked input filled by OpenCV Telea. The truth row is the floor of every
+    back-projection; inpainting: the masked input filled by OpenCV Telea; deblur / denoise: the degraded input
+    itself (the blurred / noisy frames the solvers start from). The truth row is the floor of every
     warping error (what a perfect restoration scores) against each flow.
     """
     import torch
@@ -491,6 +500,9 @@ def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) 
         mask = torch.from_numpy(prepared["mask"].values)[:, None].float()  # (F, 1, Hp, Wp)
         rows[f"{INPUT_ROW}: Telea"] = telea_inpaint(cond.float(), mask).double()
         hole = prepared["mask"].values[:, :h, :w] > 0
+    elif prepared.attrs.get("task") in ("deblur", "denoise"):
+        rows[f"{INPUT_ROW}: {'blurred' if prepared.attrs['task'] == 'deblur' else 'noisy'}"] = cond
+        hole = None
     else:
         low = _float(prepared["input"].values)
         scale = cond.shape[-1] // low.shape[-1]
@@ -606,7 +618,8 @@ def _log_row_run(name: str, parent_id: str, uri: str, row: str, clip: Clip, seed
 def run_experiment(name: str, input: str | None = None, frames: int | None = None, steps: int | None = None,
                    seeds: int = DEFAULT_SEEDS, work_root: str | None = None, log=print, guidance: float | None = None,
                    space: str | None = None, tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES,
-                   models_root=None, task: str = "sr8", lambdas=None, sweep_steps=None) -> dict:
+                   models_root=None, task: str = "sr8", lambdas=None, sweep_steps=None, iterations: int | None = None,
+                   size: int | None = None) -> dict:
     """Run every configuration of `name` nested under one parent MLflow run, score every run (and the input and
     truth rows) against the estimated and the exact flow, then log compare's table and plots.
 
@@ -630,9 +643,10 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
         space = space or tuning["guidance_space"]
     tuned_on = (f"{tuning['clip']} (guidance-sweep, {tuning['row']})" if tuning
                 else "untuned defaults (no guidance-sweep run)") if name == "video-sr" else None
-    clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root)
+    clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root, size)
     specs = experiment_grid(name, clips, steps, seeds, work_root, guidance=guidance, space=space,
-                            frames=frames if input else None, task=task, lambdas=lambdas, sweep_steps=sweep_steps)
+                            frames=frames if input else None, task=task, lambdas=lambdas, sweep_steps=sweep_steps,
+                            iterations=iterations)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
@@ -645,8 +659,9 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
         tracking.log_config({"experiment": name, "clips": {c.image: c.role for c in clips}, "frames": frames,
                              "steps": specs[0].config["steps"],
                              "guidance": None if name == "guidance-sweep" else specs[0].config["guidance"],
-                             "guidance_space": None if name == "guidance-sweep" else specs[0].config["guidance_space"],
+                             "guidance_space": None if name == "guidance-sweep" else specs[0].config.get("guidance_space"),
                              "seeds": seeds, "configurations": len(specs), "tuned_on": tuned_on,
+                             "iterations": iterations, "clip_size": size,
                              "shift_px": list(SHIFT_PX) if name == "shift-inpaint" else None})
         client = MlflowClient(tracking_uri=uri)
         done_inputs: set = set()
@@ -732,7 +747,8 @@ def _numbers(text: str | None, kind, flag: str):
 
 def experiment_cli(args) -> int:
     """`restore-video experiment NAME|all [--input URL] [--frames N] [--steps N] [--guidance L] [--guidance-space S]
-    [--seeds N] [--task sr8|sr4] [--lambdas L,..] [--sweep-steps N,..] [--tune-image IMG] [--report-images A,B] [--update-doc FILE] [--work-root DIR] [--json]`."""
+    [--seeds N] [--task sr8|sr4] [--lambdas L,..] [--sweep-steps N,..] [--tune-image IMG] [--report-images A,B]
+    [--iterations N] [--size PX] [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
     names = PAPER_EXPERIMENTS[::-1] if args.name == ALL else (args.name,)  # guidance-sweep first: video-sr uses its pick
@@ -749,7 +765,8 @@ def experiment_cli(args) -> int:
                                     tune_image=getattr(args, "tune_image", None) or TUNE_IMAGE, report_images=report_images,
                                     task=getattr(args, "task", None) or "sr8",
                                     lambdas=_numbers(getattr(args, "lambdas", None), float, "--lambdas"),
-                                    sweep_steps=_numbers(getattr(args, "sweep_steps", None), int, "--sweep-steps"))
+                                    sweep_steps=_numbers(getattr(args, "sweep_steps", None), int, "--sweep-steps"),
+                                    iterations=getattr(args, "iterations", None), size=getattr(args, "size", None))
         except (ValueError, ValidationError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -16,6 +16,19 @@ peaks at ~0.85 GB; a 640x272 benchmark run (2 steps) at 1.17 GB for 8 frames and
 
 The constants carry a margin over the measurements. Time: SECONDS_PER_LATENT_PX_STEP per latent pixel, frame
 and step (measured 31-34 us on one idle CPU thread, guided), x the tile overlap.
+
+Zero-shot solvers (`--solver dps|dflow|dmplug|vipaint`, ops.solvers) restore the whole clip in one piece (no
+windows, no tiles) and differentiate through the denoiser, so autograd keeps each differentiated denoiser call's
+activations, GRAPH_BYTES_PER_LATENT_PX per latent pixel and frame (measured on prior-gp: 12.5 KB at 4 frames,
+14.3 KB at 8 frames of 32x32 latents; the peak RSS of one D-Flow iteration grows by 14.6 MB per frame and step):
+
+    peak = BASE + frames * FRAME_BYTES_PER_PX * padded_pixels + batch * (graph_steps * GRAPH + sampler_bytes) + source
+    graph_steps = steps (dflow/dmplug: R(z) is differentiated end to end), K levels (vipaint's ELBO), 1 (dps)
+    batch = frames, except guided dps (one frame at a time); source = the video-level GP basis (F*h*w*J floats)
+
+Measured peak above the loaded model (8 frames of 32x32 latents, 10 steps, prior-gp): dflow 1.17 GB (model
+1.47), dflow with checkpointing 0.30, dps 0.28 (model 0.29), vipaint 0.47 (model 0.55). Their time counts every
+denoiser call of the solver (`solver_passes`), a backward pass as BACKWARD_COST forward passes.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ SECONDS_PER_LATENT_PX_STEP = 40e-6  # measured 31-34 us on one CPU thread (guide
 MEMORY_FRACTION = 0.7  # of the available RAM a run may plan to use
 TILE_OVERLAP = 0.25  # fraction of a tile shared with each neighbour (work grows by ~(1 + overlap)^2)
 TILE_CHOICES = (256, 192, 128, 96, 64, 48, 32)  # latent tile edges tried, largest first
+GRAPH_BYTES_PER_LATENT_PX = 16 * 1024  # autograd's saved activations of one denoiser call (measured 12.5-14.3 KB)
+BACKWARD_COST = 1.0  # a backward pass through the denoiser in forward passes (measured 0.7 on prior-gp)
 
 
 class PreflightError(VideoError):
@@ -69,6 +84,7 @@ class Estimate:
     peak_bytes: int
     available_bytes: int
     seconds: float
+    solver: str | None = None  # a zero-shot solver: the whole clip at once, its graph in peak_bytes
 
     @property
     def output_pixels(self) -> int:
@@ -79,6 +95,8 @@ class Estimate:
 
     def summary(self) -> str:
         tile = f"latent tiles {self.tile}x{self.tile}" if self.tile else "whole frames (no tiles)"
+        if self.solver:
+            tile += f", zero-shot solver {self.solver} (all frames at once)"
         return (f"preflight: {self.frames} frames {self.input_width}x{self.input_height} -> {self.output_width}x"
                 f"{self.output_height} ({self.output_pixels / 1e6:.2f} Mpx/frame, padded {self.padded_width}x"
                 f"{self.padded_height}, latent {self.latent_width}x{self.latent_height}); window {self.window} frames, "
@@ -175,6 +193,71 @@ def estimate(spec: ModelSpec, task: str, mode: str, width: int, height: int, fra
                     seconds=sampling_seconds(lw * lh, frames, steps, tile))
 
 
+def solver_graph_steps(solver: str, steps: int) -> int:
+    """Denoiser calls whose activations a zero-shot solver keeps at once (per frame of its batch)."""
+    from ops.solvers import default_levels
+
+    if solver in ("dflow", "dmplug"):
+        return steps  # R(z): every sampler step is differentiated end to end
+    if solver == "vipaint":
+        return len(default_levels(steps))  # the hierarchy's transitions and the final prediction
+    return 1  # dps: one step's gradient at a time
+
+
+def solver_passes(solver: str, steps: int, iterations: int) -> float:
+    """Sampler steps' worth of denoiser work per frame (a backward pass = BACKWARD_COST forward passes)."""
+    from ops.solvers import default_levels
+
+    fwd_bwd = 1 + BACKWARD_COST
+    if solver in ("dflow", "dmplug"):
+        return iterations * steps * fwd_bwd + steps  # every iteration through R(z), then the final run
+    if solver == "vipaint":
+        levels = default_levels(steps)
+        return iterations * len(levels) * fwd_bwd + (steps - levels[-1]) * fwd_bwd  # the ELBO fit, then DPS
+    return steps * fwd_bwd  # dps
+
+
+def solver_peak_bytes(spec: ModelSpec, solver: str, padded_px: int, latent_w: int, latent_h: int, frames: int,
+                      steps: int, guided: bool, source_features: int = 0) -> int:
+    """Peak RSS of a zero-shot solver on the whole clip (module docstring); source_features: J of --source video."""
+    area = latent_w * latent_h
+    per_frame = solver_graph_steps(solver, steps) * GRAPH_BYTES_PER_LATENT_PX * area
+    per_frame += SAMPLER_BYTES_PER_LATENT_PX * area + attention_bytes(spec, area)
+    batch = 1 if solver == "dps" and guided else frames
+    source = 4 * frames * area * source_features  # the dense float32 RFF basis (F, h*w, J)
+    return int(BASE_BYTES + frames * FRAME_BYTES_PER_PX * padded_px + batch * per_frame + source)
+
+
+def estimate_solver(spec: ModelSpec, task: str, mode: str, width: int, height: int, frames: int, steps: int,
+                    available: int, solver: str, iterations: int, guided: bool, source_features: int = 0) -> Estimate:
+    """Sizes and costs of a zero-shot restoration (one window of all frames, whole frames)."""
+    ow, oh = output_size(task, mode, width, height)
+    pw, ph = padded_size(task, mode, width, height, spec.multiple)
+    lw, lh = pw // spec.factor, ph // spec.factor
+    return Estimate(frames=frames, input_width=width, input_height=height, output_width=ow, output_height=oh,
+                    padded_width=pw, padded_height=ph, latent_width=lw, latent_height=lh, window=frames, tile=None,
+                    peak_bytes=solver_peak_bytes(spec, solver, pw * ph, lw, lh, frames, steps, guided, source_features),
+                    available_bytes=available, solver=solver,
+                    seconds=SECONDS_PER_LATENT_PX_STEP * lw * lh * frames * solver_passes(solver, steps, iterations))
+
+
+def check_solver(est: Estimate, steps: int, iterations: int) -> None:
+    """Refuse a zero-shot restoration whose graph cannot fit, naming the numbers and the way out."""
+    budget = int(est.available_bytes * MEMORY_FRACTION)
+    if est.peak_bytes <= budget:
+        return
+    keeps = (f"keeps the activations of all {steps} sampler steps" if est.solver in ("dflow", "dmplug")
+             else "keeps the activations of its denoiser calls")
+    raise PreflightError(
+        f"estimated peak memory {est.peak_bytes / GIB:.1f} GiB exceeds {MEMORY_FRACTION:.0%} of the "
+        f"{est.available_bytes / GIB:.1f} GiB available: --solver {est.solver} restores all {est.frames} frames "
+        f"({est.output_width}x{est.output_height}, latent {est.latent_width}x{est.latent_height}) at once and {keeps} "
+        f"for every frame. Use fewer --steps (memory grows with steps x frames), fewer --frames (e.g. --frames 0:"
+        f"{max(2, est.frames // 2)}, restoring the clip in parts), or --solver dps (one step's activations); --window "
+        f"and --tile do not apply to zero-shot solvers, and --iterations changes the time (~{_duration(est.seconds)} "
+        f"with --iterations {iterations}), not the memory")
+
+
 def check(est: Estimate, max_output_pixels: int, task: str, mode: str) -> None:
     """Refuse what cannot (or should not) run, naming the numbers and the way out."""
     if est.output_pixels > max_output_pixels:
@@ -186,7 +269,7 @@ def check(est: Estimate, max_output_pixels: int, task: str, mode: str) -> None:
             f"{est.peak_bytes / GIB:.1f} GiB, sampling ~{_duration(est.seconds)}. Use a smaller input or fewer --frames, another task{other}, or raise --max-output-pixels "
             f"if you mean it (with --tile and --window to bound memory)")
     budget = int(est.available_bytes * MEMORY_FRACTION)
-    if est.peak_bytes > budget:
+    if est.peak_bytes > budget and est.solver is None:  # a zero-shot solver's memory: check_solver
         raise PreflightError(
             f"estimated peak memory {est.peak_bytes / GIB:.1f} GiB exceeds {MEMORY_FRACTION:.0%} of the "
             f"{est.available_bytes / GIB:.1f} GiB available ({est.frames} frames of {est.output_width}x{est.output_height}, "
@@ -249,6 +332,18 @@ def preflight(cfg, available: int | None = None, plan=None) -> Estimate:
         raise PreflightError(f"--tile {cfg.tile} must be a multiple of {step} latent pixels for model {cfg.model_name!r} "
                              f"(its UNet downsamples by {step}); e.g. --tile {max(step, cfg.tile // step * step)}")
     avail = available_memory() if available is None else available
+    if cfg.zero_shot:
+        if cfg.window is not None or cfg.tile is not None:
+            raise PreflightError(f"--window / --tile do not apply to --solver {cfg.solver}: a zero-shot solver restores "
+                                 "all frames at once; drop them and use --frames START:END to restore a part of the clip")
+        from ops.gp import DEFAULT_FEATURES
+
+        video_source = cfg.solver in ("dflow", "dmplug") and cfg.source == "video"
+        est = estimate_solver(spec, cfg.task, cfg.mode, info.width, info.height, frames, cfg.steps, avail, cfg.solver,
+                              cfg.iterations, cfg.guidance_strength > 0, DEFAULT_FEATURES if video_source else 0)
+        check(est, cfg.max_output_pixels, cfg.task, cfg.mode)
+        check_solver(est, cfg.steps, cfg.iterations)
+        return est
     est = estimate(spec, cfg.task, cfg.mode, info.width, info.height, frames, cfg.steps, avail, cfg.window, cfg.tile,
                    cfg.max_batch, (plan or plan_of(cfg, model_info(cfg.model_name))).guided)
     check(est, cfg.max_output_pixels, cfg.task, cfg.mode)

@@ -184,7 +184,9 @@ class SamplerWorker:
         """Zero-shot restoration of the whole video with the unconditional prior: ops.solvers.solve(solver["solver"])
         on y and A of tasks.degrade.measurement, A applied to the decoded latents (A(decode(x))). source "video"
         (dflow / dmplug) optimises the RFF weights of the noise stage's own GP draw (the same seed, so source(w0) is
-        the stored gp noise) at the flow's chained latent positions. guidance > 0: self-guidance in latent space.
+        the stored gp noise) at the flow's chained latent positions; solver["init"] > 0 starts D-Flow from the
+        inverted back-projection (the prepare stage's cond) blended with that noise (ops.solvers.dflow_start).
+        guidance > 0: self-guidance in latent space.
         Per-iteration / per-step losses go into the artifact as `history_<name>` arrays."""
         import numpy as np
 
@@ -215,12 +217,20 @@ class SamplerWorker:
                 extra = dict(guidance=guidance, forward=torch.from_numpy(flows["latent_forward"].values).to(x),
                              valid=torch.from_numpy(flows["latent_valid"].values).to(self.device))
             start = x
-            if name in ("dflow", "dmplug") and source_kind == "video":
-                positions = torch.from_numpy(flows["latent_positions"].values)  # (F, h, w, 2)
-                features = gp.draw_rff(np.random.default_rng(seed), x.shape[1], max(x.shape[-2:]))  # the noise stage's draw
-                source, start = solvers.video_source(features, positions)
-                extra["source"] = source
-                start = start.to(x)  # (C, J)
+            if name in ("dflow", "dmplug"):
+                source = None
+                if source_kind == "video":
+                    positions = torch.from_numpy(flows["latent_positions"].values)  # (F, h, w, 2)
+                    features = gp.draw_rff(np.random.default_rng(seed), x.shape[1], max(x.shape[-2:]))  # the noise stage's draw
+                    source, start = solvers.video_source(features, positions, device=x.device)
+                    extra["source"] = source
+                    start = start.to(x)  # (C, J)
+                alpha = params.pop("init", 0.0)  # D-Flow's start: the inverted back-projection (cond) blended in
+                if alpha:
+                    back = _rows(store.open("prepare", prepare)["cond"], slice(None)).permute(0, 3, 1, 2).float() / 255.0
+                    with torch.no_grad():
+                        latents0 = self.model.encode(back.to(self.device))  # (F, C, h, w)
+                    start = solvers.dflow_start(denoiser, latents0, sigmas, start, alpha, source)
             if name == "vipaint":
                 extra["generator"] = torch.Generator().manual_seed(seed)
             t0 = time.perf_counter()

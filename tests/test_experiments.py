@@ -366,3 +366,28 @@ def test_shift_inpaint_has_telea_rows_per_mask_and_integral_only_white(tmp_path,
         assert max(m["warping_error_pixel_prev"] for m in by_row["truth (floor)"]) < 1e-12  # exact shift: no error
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_score_run_reports_sampling_seconds_per_frame_and_compare_shows_them():
+    """The sample artifact's own timing over the frames; the zero-shot grid takes --iterations and the clip --size."""
+    import torch
+    import xarray as xr
+
+    f, h, w = 3, 32, 32
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 256, (f, h, w, 3), dtype=np.uint8)
+    flows = xr.Dataset({"forward": (("p", "y", "x", "xy"), np.zeros((f - 1, h, w, 2), np.float32)),
+                        "valid": (("p", "y", "x"), np.ones((f - 1, h, w), bool)),
+                        "latent_forward": (("p", "ly", "lx", "xy"), np.zeros((f - 1, 4, 4, 2), np.float32)),
+                        "latent_valid": (("p", "ly", "lx"), np.ones((f - 1, 4, 4), bool))})
+    outputs = {"frames": truth, "truth": truth, "prepared": xr.Dataset({"cond": (("f", "y", "x", "rgb"), truth)}),
+               "flows": flows, "latents": torch.zeros(f, 2, 4, 4).numpy(), "sampling_seconds": 7.5}
+    clip = experiments.Clip(path="c.mkv", image="c", role="report", kind="video")
+    scores = experiments.score_run(outputs, clip, 8)
+    assert scores["seconds_per_frame"] == pytest.approx(2.5) and scores["psnr"] > 100  # the truth itself
+    row = {f"{m}_mean": float("nan") for m in compare.METRICS + compare.OPTIONAL_METRICS}
+    assert "seconds_per_frame" not in compare.present_metrics([row])
+    row["seconds_per_frame_mean"] = 2.5
+    assert compare.present_metrics([row])[-1] == "seconds_per_frame"
+    specs = experiments.experiment_grid("zero-shot", "clip.mkv", seeds=1, iterations=7)
+    assert {s.config.get("iterations") for s in specs} == {7} and {s.config["steps"] for s in specs} == {10}

@@ -319,3 +319,59 @@ def test_nufft_video_source_and_its_gradient_match_the_dense_one():
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-7)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
     assert grads[0][1].abs().max() > 0.1
+
+
+# ---- D-Flow's initialisation: ODE inversion, MAP weights of the video source, the blend ----
+
+
+def test_invert_is_the_backward_euler_ode_in_closed_form_and_undoes_the_sampler():
+    """On the toy every Euler step is affine: the inversion is MU + (x0 - MU) prod_k (1 + (s_{k-1} - s_k) s_k /
+    (S^2 + s_k^2)) over k = K-1..1, divided by sigma_max; sampling from it comes back to x0."""
+    x0 = MU + S * torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigmas = sampling.karras_sigmas(8, 0.002, 80.0)
+    gain = 1.0
+    for k in range(len(sigmas) - 2, 0, -1):
+        gain *= float(1 + (sigmas[k - 1] - sigmas[k]) * sigmas[k] / (S**2 + sigmas[k] ** 2))
+    z = solvers.invert(gaussian_denoiser, x0, sigmas)
+    assert torch.allclose(z, (MU + (x0 - MU) * gain) / sigmas[0], atol=1e-12)
+    fine = sampling.karras_sigmas(400, 0.002, 80.0)
+    back = solvers.ode_sample(gaussian_denoiser, solvers.invert(gaussian_denoiser, x0, fine), fine)
+    assert (back - x0).abs().max() < 0.02 * (x0 - MU).abs().max()  # Euler's O(1/steps) gap only
+
+
+def test_video_source_fit_is_the_ridge_solution_and_recovers_representable_fields():
+    f, c, h, w = 3, 2, 6, 6
+    _, bwd, _ = _video(f, c, h, w, dx=1.0)
+    features = gp.draw_rff(np.random.default_rng(3), c, max(h, w), num_features=40)  # J < F*h*w: full column rank
+    source, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    field = source(w0)
+    assert torch.allclose(source(source.fit(field, ridge=1e-10)), field, atol=1e-6)  # a GP field is fitted exactly
+    target = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    b = source.basis.flatten(0, 1).numpy()  # (F*h*w, J)
+    rhs = target.transpose(0, 1).flatten(1).numpy().T  # (F*h*w, C)
+    expected = np.linalg.solve(b.T @ b + 0.7 * np.eye(b.shape[1]), b.T @ rhs).T
+    assert np.allclose(source.fit(target, ridge=0.7).numpy(), expected, atol=1e-10)
+    with pytest.raises(ValueError, match="dense"):
+        solvers.video_source(features, flow.chain_positions(bwd), backend="nufft")[0].fit(target)
+
+
+def test_dflow_start_blends_and_keeps_video_sources_consistent_under_integer_shifts():
+    f, c, h, w = 4, 2, 8, 8
+    _, bwd, _ = _video(f, c, h, w, dx=1.0)
+    features = gp.draw_rff(np.random.default_rng(0), c, max(h, w), num_features=256)
+    source, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    latents = MU + S * torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    assert solvers.dflow_start(gaussian_denoiser, latents, sigmas, w0, 0.0, source) is w0  # alpha 0: the draw itself
+    start = solvers.dflow_start(gaussian_denoiser, latents, sigmas, w0, 0.9, source)  # (C, J) weights
+    inverted = solvers.invert(gaussian_denoiser, latents, sigmas)
+    assert torch.allclose(start, math.sqrt(0.9) * source.fit(inverted) + math.sqrt(0.1) * w0, atol=1e-12)
+    z = source(start)
+    assert (z[1:, ..., 1:] - z[:-1, ..., :-1]).abs().max() < 1e-12  # still one GP at shifted positions
+    noise = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    frame = solvers.dflow_start(gaussian_denoiser, latents, sigmas, noise, 1.0)
+    assert torch.allclose(frame, inverted)  # alpha 1: the inversion itself
+    a, b = torch.randn(2, 20000, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert solvers.blend_source(a, b, 0.3).var().item() == pytest.approx(1.0, abs=0.03)
+    with pytest.raises(ValueError, match="alpha"):
+        solvers.blend_source(a, b, 1.5)

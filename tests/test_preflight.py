@@ -96,3 +96,62 @@ def test_4k_sr8_restore_is_refused_fast_small_and_clean(tmp_path):
     assert "30720x17280" in msg and "3840x2160" in msg and "8294400" in msg  # the numbers
     assert "--max-output-pixels" in msg and "--tile" in msg and "--mode benchmark" in msg  # the way out
     assert "Traceback" not in msg
+
+
+# ---- zero-shot solvers: the whole clip at once, autograd's graph in the estimate
+
+
+def test_solver_memory_grows_with_the_graph_it_keeps():
+    spec = pf.model_spec("prior-gp")
+    args = ("deblur", "benchmark", 256, 256)
+    dflow = pf.estimate_solver(spec, *args, 8, 10, 64 * GIB, "dflow", 20, guided=True)
+    assert (dflow.window, dflow.tile, dflow.solver) == (8, None, "dflow") and "dflow" in dflow.summary()
+    # dflow keeps every step's activations for every frame: the graph doubles with the steps and with the frames
+    def graph(frames, steps):
+        return (pf.solver_peak_bytes(spec, "dflow", 256 * 256, 32, 32, frames, steps, True)
+                - pf.solver_peak_bytes(spec, "dflow", 256 * 256, 32, 32, frames, 0, True))
+
+    assert graph(8, 20) == graph(16, 10) == 2 * graph(8, 10) > 0
+    assert dflow.peak_bytes == pf.solver_peak_bytes(spec, "dflow", 256 * 256, 32, 32, 8, 10, True)
+    # measured on prior-gp, 8 frames of 32x32 latents, 10 steps: one D-Flow iteration peaks 1.17 GB above the model
+    assert 1.17e9 < graph(8, 10) < 2 * 1.17e9
+    # dps differentiates one step at a time; guided, one frame at a time: far below dflow and flat in the steps
+    dps = pf.estimate_solver(spec, *args, 8, 10, 64 * GIB, "dps", 20, guided=True)
+    dps_long = pf.estimate_solver(spec, *args, 8, 100, 64 * GIB, "dps", 20, guided=True)
+    assert dps.peak_bytes == dps_long.peak_bytes < dflow.peak_bytes
+    vipaint = pf.estimate_solver(spec, *args, 8, 10, 64 * GIB, "vipaint", 20, guided=True)
+    assert dps.peak_bytes < vipaint.peak_bytes < dflow.peak_bytes
+    # --source video adds the dense RFF basis (F, h*w, J) float32
+    video = pf.estimate_solver(spec, *args, 8, 10, 64 * GIB, "dflow", 20, guided=True, source_features=3000)
+    assert video.peak_bytes - dflow.peak_bytes == 4 * 8 * 32 * 32 * 3000
+    # time: every iteration runs R(z) forward and backward
+    assert dflow.seconds == pytest.approx(2 * pf.estimate_solver(spec, *args, 8, 10, 64 * GIB, "dflow", 10, guided=True).seconds,
+                                          rel=0.1)
+
+
+def test_solver_refusal_names_the_numbers_and_the_way_out(tmp_path):
+    clip = write_clip(str(tmp_path / "c.mp4"), 96, 64, 4)
+    cfg = RestoreConfig(input=clip, task="deblur", mode="benchmark", solver="dflow", source="video", steps=10,
+                        out=str(tmp_path / "out"))
+    assert pf.preflight(cfg, available=16 * GIB).solver == "dflow"
+    with pytest.raises(pf.PreflightError) as err:
+        pf.preflight(cfg.model_copy(update={"steps": 1000}), available=4 * GIB)
+    msg = str(err.value)
+    for words in ("GiB", "dflow", "all 1000 sampler steps", "--steps", "--frames", "--window", "--iterations", "--solver dps"):
+        assert words in msg, words
+    with pytest.raises(pf.PreflightError, match="--window / --tile do not apply"):
+        pf.preflight(cfg.model_copy(update={"window": 2}), available=16 * GIB)
+
+
+def test_solver_refusal_exits_2_before_anything_is_written(tmp_path, capsys):
+    """1000 D-Flow steps on 8 frames of 256x256 need ~130 GB of autograd graph: refused with exit 2, nothing written."""
+    from flows.cli import main
+
+    clip = write_clip(str(tmp_path / "c.mp4"), 256, 256, 8)
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = main(["run", clip, "--task", "deblur", "--mode", "benchmark", "--solver", "dflow", "--steps", "1000",
+                 "--executor", "inline", "--out", str(out), "--work-root", str(work)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "--frames" in err and "sampler steps" in err
+    assert not out.exists() and not (work / "mlflow.db").exists()
