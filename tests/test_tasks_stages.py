@@ -65,8 +65,12 @@ def test_keys_are_derived_once_and_execution_choices_stay_out_of_them(clip, tmp_
     from flows.restore_video import derive_calls, derive_keys
 
     base = dict(input=clip, work_root=str(tmp_path / "work"), mode="benchmark")
+    from storage.models import DEFAULT_MODELS
+    from tasks.models import model_info
+
     calls, plan = derive_calls(RestoreConfig(**base))
-    assert tuple(calls) == ORDER and plan.sample_space == "pixel" and plan.multiple == 32
+    assert tuple(calls) == ORDER and plan.sample_space == "pixel"
+    assert plan.model == DEFAULT_MODELS["sr8"] and plan.multiple == model_info(plan.model)["multiple"]
     for call in calls.values():  # each call reads exactly the keys derived for its upstream stages
         assert call.upstream == {n: calls[n].key for n in STAGES[call.stage].upstream_names(call.args)}
     keys = derive_keys(RestoreConfig(**base))
