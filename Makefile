@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export RAY_AUTH_MODE ?= disabled
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: install demo test test-fast bench experiments clean train-data
+.PHONY: install demo test test-fast bench experiments experiments-res clean train-data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,13 @@ bench: $(STAMP)
 EXPERIMENT_SCALE ?= --frames 8 --lambdas 0,0.5,1,2 --sweep-steps 25
 experiments: $(STAMP)
 	$(BIN)/restore-video experiment all --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_ARGS)
+
+# video-sr on the shipped models (sr8-res-gp, integral on sr8-res-white; MLflow experiment video-sr-res), same
+# scale and seeds, with the λ / steps / guidance space that `make experiments`' sweep picked on its tuning clip
+# (EXPERIMENTS.md); written into EXPERIMENTS.md's "video-sr on the shipped model" section (~25 min, 1 CPU thread).
+EXPERIMENT_RES_TUNING ?= --guidance 2 --steps 25 --guidance-space pixel
+experiments-res: $(STAMP)
+	$(BIN)/restore-video experiment video-sr --family res --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_RES_TUNING) $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) .prefect .cache work out

@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-space", default=None, help="pixel | latent | auto (default: the sweep's pick / the experiment's)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--task", default=None, help="SR task of video-sr and guidance-sweep (default sr8)")
+    p.add_argument("--family", default="pca", choices=["pca", "res"],
+                   help="models: pca = {task}-gp/-white (the tables of `make experiments`), res = {task}-res-gp/-white "
+                        "(regression + residual diffusion: the shipped defaults); res runs as NAME-res")
     p.add_argument("--lambdas", default=None, help="guidance-sweep's λ grid, comma-separated (default 0,0.5,1,2)")
     p.add_argument("--sweep-steps", default=None, help="guidance-sweep's step counts, comma-separated (default 25,50)")
     p.add_argument("--tune-image", default=None, help="photograph of the guidance sweep's clip (default rocket)")

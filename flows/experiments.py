@@ -51,6 +51,8 @@ SHIFT_SIZE = 128
 SHIFT_FRAMES = 8
 SHIFT_IMAGE = "coffee"  # held out of every shipped model's training (checked against the cards, `check_held_out`)
 NOISES = ("gp", "white")
+FAMILIES = ("pca", "res")  # model family: "pca" = {task}-{noise} (PCA 8x8 latent; the tables of `make experiments`),
+# "res" = {task}-res-{noise} (lapped latent + regression mean + residual diffusion: the shipped defaults)
 WHITE_ONLY = ("integral",)  # How I Warped Your Noise is white noise by construction: run with the white-noise model
 LAMBDAS = (0.0, 0.25, 0.5, 1.0, 2.0)  # the sweep's full grid; `--lambdas` / `--sweep-steps` set a smaller one
 SWEEP_STEPS = (25, 50, 100)  # (the Makefile's EXPERIMENT_SCALE: the scale EXPERIMENTS.md's tables were made at)
@@ -72,12 +74,23 @@ CLIP_TAG = "restore_video.clip"
 ROLE_TAG = "restore_video.clip_role"
 
 
-def model_for(task: str, method: str, noise: str = "gp") -> str:
-    """The embedded model a (task, method) runs with: the `noise` model, but white-noise baselines (WHITE_ONLY)
-    always with the white-noise model, as in the paper. The one place methods are mapped to models."""
+def model_for(task: str, method: str, noise: str = "gp", family: str = "pca") -> str:
+    """The embedded model a (task, method) runs with: the `noise` model of `family` (FAMILIES), but white-noise
+    baselines (WHITE_ONLY) always with the white-noise model, as in the paper. The one place methods are mapped
+    to models."""
     if noise not in NOISES:
         raise ValueError(f"unknown noise {noise!r}; expected one of {', '.join(NOISES)}")
-    return f"{task}-{'white' if method in WHITE_ONLY else noise}"
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return f"{task}-{'res-' if family == 'res' else ''}{'white' if method in WHITE_ONLY else noise}"
+
+
+def experiment_label(name: str, family: str = "pca") -> str:
+    """MLflow experiment, output folder and EXPERIMENTS.md marker of experiment `name` run with model `family`:
+    `name` for the PCA family (the documented tables), `name-family` otherwise, so the two never mix."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return name if family == "pca" else f"{name}-{family}"
 
 
 def method_row(method: str, model: str) -> str:
@@ -287,12 +300,12 @@ def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
 def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEFAULT_SEEDS,
                     work_root: str = DEFAULT_WORK_ROOT, guidance: float | None = None, space: str | None = None,
                     frames: int | None = None, task: str = "sr8", lambdas=None, sweep_steps=None,
-                    iterations: int | None = None) -> list[RunSpec]:
+                    iterations: int | None = None, family: str = "pca") -> list[RunSpec]:
     """Every configuration of experiment `name` on `clips` (Clip objects, or one video path) (pure: builds dicts).
 
     steps / guidance / space override the experiment's defaults (warped-diffusion's lambda and guidance space; the
     sweep has its own grid: lambdas x sweep_steps x spaces, default LAMBDAS x SWEEP_STEPS x SWEEP_SPACES, `steps` /
-    `space` pin one). Methods run with `model_for(task, method)`; shift-inpaint with both noises.
+    `space` pin one). Methods run with `model_for(task, method, family=family)`; shift-inpaint with both noises.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
@@ -310,7 +323,7 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
     if isinstance(clips, (str, Clip)):
         clips = [clips]
     clips = [c if isinstance(c, Clip) else Clip(path=c, image=_image_name(c), role="report", kind="video") for c in clips]
-    out_root = f"{work_root.rstrip('/')}/experiments/{name}"
+    out_root = f"{work_root.rstrip('/')}/experiments/{experiment_label(name, family)}"
     base = dict(mode="benchmark", executor="inline", work_root=work_root,
                 steps=steps or (VIDEO_SR_STEPS if name == "video-sr" else DEFAULT_STEPS))
     lam = guidance if guidance is not None else (VIDEO_SR_GUIDANCE if name == "video-sr" else 1.0)
@@ -321,7 +334,7 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
             for method in METHODS:
                 if method in WHITE_ONLY and noise != "white":
                     continue  # runs once, with the white-noise model
-                model = model_for("inpaint", method, noise)
+                model = model_for("inpaint", method, noise, family)
                 cells.append((method_row(method, model), dict(
                     task="inpaint", mode="restore", method=method, model=model, guidance=lam, guidance_space=space,
                     flow_backend=f"shift:{SHIFT_PX[0]},{SHIFT_PX[1]}")))
@@ -332,7 +345,7 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
         cells.extend(zero_shot_cells(lam))
     elif name == "video-sr":
         for method in METHODS:
-            model = model_for(task, method)
+            model = model_for(task, method, family=family)
             cells.append((method_row(method, model), dict(task=task, method=method, model=model, flow_backend="dis",
                                                           guidance=lam, guidance_space=space)))
     else:
@@ -340,7 +353,7 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
             for sp in ((space,) if space != "auto" else SWEEP_SPACES):
                 for lam in lambdas:
                     cells.append((f"λ={lam:g} steps={n_steps} space={sp}",
-                                  dict(task=task, method="warped-diffusion", model=model_for(task, "warped-diffusion"),
+                                  dict(task=task, method="warped-diffusion", model=model_for(task, "warped-diffusion", family=family),
                                        guidance=lam, steps=n_steps, guidance_space=sp, flow_backend="dis")))
     specs = []
     for clip in clips:
@@ -619,12 +632,13 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
                    seeds: int = DEFAULT_SEEDS, work_root: str | None = None, log=print, guidance: float | None = None,
                    space: str | None = None, tune_image: str = TUNE_IMAGE, report_images=REPORT_IMAGES,
                    models_root=None, task: str = "sr8", lambdas=None, sweep_steps=None, iterations: int | None = None,
-                   size: int | None = None) -> dict:
+                   size: int | None = None, family: str = "pca") -> dict:
     """Run every configuration of `name` nested under one parent MLflow run, score every run (and the input and
     truth rows) against the estimated and the exact flow, then log compare's table and plots.
 
     video-sr takes lambda, steps and guidance space from the guidance sweep's tuning.json (made on the tuning clip)
-    unless given; guidance-sweep writes it.
+    unless given; guidance-sweep writes it. `family` picks the models (`model_for`); a family other than "pca" runs
+    as its own MLflow experiment and output folder (`experiment_label`, e.g. video-sr-res).
     """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -634,29 +648,32 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
     from infra import tracking
 
     work_root = work_root or DEFAULT_WORK_ROOT
+    label = experiment_label(name, family)
     if name == "shift-inpaint" and input is None and frames is not None and frames < 8:
         log(f"note: shift-inpaint with {frames} frames; the paper's comparison uses >= 8")
-    tuning = load_tuning(work_root) if name == "video-sr" else None
+    given = steps is not None and guidance is not None and space is not None
+    tuning = load_tuning(work_root) if name == "video-sr" and not given else None
     if tuning:
         steps = steps or tuning["steps"]
         guidance = guidance if guidance is not None else tuning["guidance"]
         space = space or tuning["guidance_space"]
-    tuned_on = (f"{tuning['clip']} (guidance-sweep, {tuning['row']})" if tuning
+    tuned_on = (f"given on the command line (λ={guidance:g} steps={steps} space={space})" if given
+                else f"{tuning['clip']} (guidance-sweep, {tuning['row']})" if tuning
                 else "untuned defaults (no guidance-sweep run)") if name == "video-sr" else None
     clips = prepare_clips(name, input, work_root, frames, seeds, tune_image, report_images, models_root, size)
     specs = experiment_grid(name, clips, steps, seeds, work_root, guidance=guidance, space=space,
                             frames=frames if input else None, task=task, lambdas=lambdas, sweep_steps=sweep_steps,
-                            iterations=iterations)
+                            iterations=iterations, family=family)
     configs = [RestoreConfig(**s.config) for s in specs]  # validate the whole grid before any work
     uri = tracking.tracking_uri(work_root)
     t0 = time.perf_counter()
     runs = []
-    with _env("RESTORE_VIDEO_EXPERIMENT", name), tracking.start_run(
-        name, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M')}",
+    with _env("RESTORE_VIDEO_EXPERIMENT", label), tracking.start_run(
+        label, run_name=f"{label} {time.strftime('%Y-%m-%d %H:%M')}",
         tags={compare.ROLE_TAG: "experiment-parent", "git_commit": tracking.git_commit(),
               "input": ",".join(c.path for c in clips), "tuned_on": tuned_on or ""}, uri=uri,
     ) as parent:
-        tracking.log_config({"experiment": name, "clips": {c.image: c.role for c in clips}, "frames": frames,
+        tracking.log_config({"experiment": name, "family": family, "clips": {c.image: c.role for c in clips}, "frames": frames,
                              "steps": specs[0].config["steps"],
                              "guidance": None if name == "guidance-sweep" else specs[0].config["guidance"],
                              "guidance_space": None if name == "guidance-sweep" else specs[0].config.get("guidance_space"),
@@ -681,7 +698,7 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
                 first = not any(c == spec.clip.image for c, _ in done_inputs)
                 done_inputs.add((spec.clip.image, input_digest(outputs)))
                 for row, row_scores in input_rows(outputs, spec.clip, ae, with_truth=first).items():
-                    _log_row_run(name, parent.info.run_id, uri, row, spec.clip, cfg.seed, cfg.model_name, row_scores)
+                    _log_row_run(label, parent.info.run_id, uri, row, spec.clip, cfg.seed, cfg.model_name, row_scores)
             seconds = time.perf_counter() - t
             log(f"[{i}/{len(specs)}] {spec.clip.image:12s} {spec.row:28s} seed {cfg.seed}  WE pixel first "
                 f"{scores.get('warping_error_pixel_first', float('nan')):.3g} (exact "
@@ -693,8 +710,8 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
 
         mlflow.log_metric("experiment_seconds", time.perf_counter() - t0)
         parent_id = parent.info.run_id
-    result = compare.compare(name, uri, "md")
-    out = {"experiment": name, "parent_run_id": parent_id, "tracking_uri": uri, "input": clips[0].path,
+    result = compare.compare(label, uri, "md")
+    out = {"experiment": label, "parent_run_id": parent_id, "tracking_uri": uri, "input": clips[0].path,
            "clips": {c.image: c.role for c in clips}, "tuned_on": tuned_on,
            "seconds": round(time.perf_counter() - t0, 1), "runs": runs, "rows": result["rows"],
            "table": result["text"], "artifacts": result["artifacts"], "summary": compare.summary_json(result["rows"])}
@@ -747,7 +764,7 @@ def _numbers(text: str | None, kind, flag: str):
 
 def experiment_cli(args) -> int:
     """`restore-video experiment NAME|all [--input URL] [--frames N] [--steps N] [--guidance L] [--guidance-space S]
-    [--seeds N] [--task sr8|sr4] [--lambdas L,..] [--sweep-steps N,..] [--tune-image IMG] [--report-images A,B]
+    [--seeds N] [--task sr8|sr4] [--family pca|res] [--lambdas L,..] [--sweep-steps N,..] [--tune-image IMG] [--report-images A,B]
     [--iterations N] [--size PX] [--update-doc FILE] [--work-root DIR] [--json]`."""
     from pydantic import ValidationError
 
@@ -766,12 +783,13 @@ def experiment_cli(args) -> int:
                                     task=getattr(args, "task", None) or "sr8",
                                     lambdas=_numbers(getattr(args, "lambdas", None), float, "--lambdas"),
                                     sweep_steps=_numbers(getattr(args, "sweep_steps", None), int, "--sweep-steps"),
-                                    iterations=getattr(args, "iterations", None), size=getattr(args, "size", None))
+                                    iterations=getattr(args, "iterations", None), size=getattr(args, "size", None),
+                                    family=getattr(args, "family", None) or "pca")
         except (ValueError, ValidationError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if getattr(args, "update_doc", None):
-            update_doc(args.update_doc, name, result["table"])
+            update_doc(args.update_doc, result["experiment"], result["table"])
         summaries[name] = result["summary"]
         if not args.json:
             print(result["table"], end="")

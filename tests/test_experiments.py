@@ -35,6 +35,28 @@ def test_white_noise_baselines_run_with_the_white_model():
         experiments.model_for("sr8", "gp", "pink")
 
 
+def test_res_family_maps_to_the_residual_models_and_its_own_experiment(tmp_path):
+    """--family res: every method on {task}-res-gp, integral on {task}-res-white; its own MLflow experiment and
+    output folder (video-sr-res), so the PCA tables of `make experiments` stay as they are."""
+    assert experiments.model_for("sr8", "warped-diffusion", family="res") == "sr8-res-gp"
+    assert experiments.model_for("sr8", "integral", family="res") == "sr8-res-white"
+    assert experiments.model_for("inpaint", "gp", "white", family="res") == "inpaint-res-white"
+    with pytest.raises(ValueError, match="unknown model family"):
+        experiments.model_for("sr8", "gp", family="lapped")
+    assert experiments.experiment_label("video-sr") == "video-sr"
+    assert experiments.experiment_label("video-sr", "res") == "video-sr-res"
+    clips = [experiments.Clip(path="coffee.mkv", image="coffee", role="report")]
+    specs = experiments.experiment_grid("video-sr", clips, seeds=1, work_root=str(tmp_path), family="res")
+    assert {(s.row, s.config["model"]) for s in specs} == {
+        ("integral/white" if m == "integral" else m, "sr8-res-white" if m == "integral" else "sr8-res-gp") for m in METHODS}
+    assert all(s.config["out"].startswith(f"{tmp_path}/experiments/video-sr-res/") for s in specs)
+    pca = experiments.experiment_grid("video-sr", clips, seeds=1, work_root=str(tmp_path))
+    assert not {s.config["out"] for s in specs} & {s.config["out"] for s in pca}
+    from storage.models import list_models
+
+    assert {s.config["model"] for s in specs} <= set(list_models())  # every model it names ships
+
+
 def test_video_sr_grid_every_method_on_every_report_clip():
     clips = [experiments.Clip(path=f"{n}.mkv", image=n, role="report") for n in ("coffee", "motorcycle_right")]
     specs = experiments.experiment_grid("video-sr", clips, steps=20, guidance=0.5, seeds=3)
@@ -223,7 +245,8 @@ def _stand_in_restore(calls):
         g = torch.Generator().manual_seed(cfg.seed * 100 + len(cfg.method) + int(10 * cfg.guidance))
         cond = torch.from_numpy(prepared["cond"].values).permute(0, 3, 1, 2).float() / 255
         out = (cond + 0.02 * torch.randn(cond.shape, generator=g)).clamp(0, 1)  # (F, 3, H, W)
-        z = experiments._autoencoder(cfg.model_name).encode(out)
+        with torch.no_grad():  # the lapped autoencoders of the res models have trainable parameters
+            z = experiments._autoencoder(cfg.model_name).encode(out)
         restored = (out * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         run_stage(store, "decode", keys["decode"], lambda: xr.Dataset({"frames": (("frame", "y", "x", "rgb"), restored)}))
         run_stage(store, "sample", keys["sample"], lambda: xr.Dataset({"latents": (("frame", "c", "ly", "lx"), z.numpy())}))
@@ -391,3 +414,50 @@ def test_score_run_reports_sampling_seconds_per_frame_and_compare_shows_them():
     assert compare.present_metrics([row])[-1] == "seconds_per_frame"
     specs = experiments.experiment_grid("zero-shot", "clip.mkv", seeds=1, iterations=7)
     assert {s.config.get("iterations") for s in specs} == {7} and {s.config["steps"] for s in specs} == {10}
+
+
+@pytest.mark.slow
+def test_res_family_cli_writes_its_own_section_and_keeps_the_pca_table(tmp_path, monkeypatch, capsys):
+    """`experiment video-sr --family res --guidance 2 --steps 2 --guidance-space pixel --update-doc`: runs every
+    method on sr8-res-gp (integral on sr8-res-white) as MLflow experiment video-sr-res, writes its table between
+    the video-sr-res markers and leaves the PCA video-sr table alone; λ/steps/space given on the command line win
+    over a tuning.json and the table says so (stand-in sampler, real models' autoencoders, real MLflow)."""
+    import argparse
+    import json
+
+    import mlflow
+
+    calls = []
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    monkeypatch.setattr(experiments, "CLIP_SIZE", 64)
+    monkeypatch.setattr(experiments, "METHODS", ("warped-diffusion", "gp", "integral"))
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "tuning.json").write_text(json.dumps(
+        {"clip": "rocket", "row": "λ=1 steps=7 space=latent", "guidance": 1.0, "steps": 7, "guidance_space": "latent"}))
+    doc = tmp_path / "EXPERIMENTS.md"
+    doc.write_text("# Experiments\n\n<!-- BEGIN experiment:video-sr -->\npca table\n<!-- END experiment:video-sr -->\n\n"
+                   "## res\n\n<!-- BEGIN experiment:video-sr-res -->\nold res table\n<!-- END experiment:video-sr-res -->\n\nend\n")
+    try:
+        args = argparse.Namespace(name="video-sr", family="res", seeds=1, input=None, frames=3, steps=2, guidance=2.0,
+                                  guidance_space="pixel", work_root=str(tmp_path), json=False, tune_image="rocket",
+                                  report_images="coffee", update_doc=str(doc))
+        assert experiments.experiment_cli(args) == 0
+        printed = capsys.readouterr().out
+        assert {(c.method, c.model_name) for c in calls} == {
+            ("warped-diffusion", "sr8-res-gp"), ("gp", "sr8-res-gp"), ("integral", "sr8-res-white")}
+        assert {(c.steps, c.guidance, c.guidance_space) for c in calls if c.method == "warped-diffusion"} == {(2, 2.0, "pixel")}
+        assert "given on the command line (λ=2 steps=2 space=pixel)" in printed
+        client, parents, children = _child_runs(tmp_path, "video-sr-res")
+        assert len(parents) == 1
+        assert client.get_experiment_by_name("video-sr") is None  # the PCA experiment is untouched
+        rows = {r.data.tags[compare.ROW_TAG] for r in children[parents[0].info.run_id]}
+        assert {"warped-diffusion", "gp", "integral/white", "input: bicubic ×8", "truth (floor)"} <= rows
+        text = doc.read_text()
+        assert "pca table" in text and "old res table" not in text and text.rstrip().endswith("end")
+        res = text[text.index("<!-- BEGIN experiment:video-sr-res -->"):text.index("<!-- END experiment:video-sr-res -->")]
+        assert "`sr8-res-gp`: warped-diffusion, gp" in res and "`sr8-res-white`: integral/white" in res
+        assert "| integral/white | 1 |" in res
+    finally:
+        mlflow.set_tracking_uri(previous)
