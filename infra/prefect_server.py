@@ -9,7 +9,7 @@ sqlite DB (`prefect.db`) is the server's database.
         state, flow_run_id = run_deployment("flow/deployment", {"x": 1}, server.env())
 
 A prefect.yaml that a process worker can run from the local checkout (tested in
-tests/test_infra_prefect.py):
+tests/infra/test_prefect.py):
 
     name: restore-video
     prefect-version: 3.8.7

@@ -106,7 +106,7 @@ def chain_positions(backward: torch.Tensor, cuts=None) -> torch.Tensor:
 
 # ---- shot cuts: flow failure and a colour-histogram jump ----
 
-# Measured on DIS flow (tests/test_streaming.py; README "Long videos"): smooth pans keep 0.91-0.99 of the pixels
+# Measured on DIS flow (tests/tasks/test_streaming.py; README "Long videos"): smooth pans keep 0.91-0.99 of the pixels
 # valid under the forward-backward check with colour-histogram distances <= 0.05; hard cuts between 15 pairs of
 # scikit-image photographs keep 0.001-0.071 valid at distances 0.56-0.99; a +40 brightness flash jumps the
 # histogram by 0.53-0.95 while 0.83-0.93 stay valid, so a histogram jump alone is not a cut.

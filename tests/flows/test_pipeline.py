@@ -16,7 +16,7 @@ import pytest
 from storage.artifacts import ArtifactStore
 from storage.video import probe_video, read_video
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRE_SAMPLING = ("extract_frames", "prepare", "estimate_flow", "encode", "generate_noise")
 
 

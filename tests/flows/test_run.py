@@ -16,7 +16,7 @@ from infra.prefect_server import PrefectServer
 from storage.video import probe_video
 from tests._servers import read_runs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGE_TASKS = {"extract_frames", "prepare", "estimate_flow", "encode", "generate_noise", "decode"}
 
 

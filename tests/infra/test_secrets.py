@@ -87,7 +87,7 @@ def test_s3_restore_leaves_no_secret_in_mlflow_prefect_or_logs(s3_server, s3_buc
     clip = make_sample_clip(str(tmp_path / "clip.mp4"), frames=4, size=64)
     boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key="testing").upload_file(clip, bucket, "in/clip.mp4")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     endpoint_only = {"client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
     with_secrets = {"key": KEY_ID, "secret": SECRET, **endpoint_only}
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests._servers import marked_processes, wait_gone
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PARENT = r"""
 import sys, time

@@ -103,7 +103,7 @@ _CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from tasks import sample as sample_stage
-    from tests.test_sample_windows import MODEL, request
+    from tests.tasks.test_sample_windows import MODEL, request
 
     root, mode = sys.argv[1], sys.argv[2]
     worker = sample_stage.SamplerWorker(MODEL, threads=1, device="cpu")
@@ -120,7 +120,7 @@ _CHILD = textwrap.dedent("""
 
 def _child(root: str, mode: str) -> subprocess.Popen:
     """A fresh process sampling `root` in windows of 2 frames (threads=1, so every run does the same arithmetic)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", _CHILD, root, mode], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -21,7 +21,7 @@ from flows.restore_archive import archive, config_hash, input_ukey, plan, read_m
 from storage.sample import make_sample_clip
 from tests._clips import write_clip
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SETTINGS = {"task": "sr8", "mode": "benchmark", "steps": 2, "frames": "0:4"}
 

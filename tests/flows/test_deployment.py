@@ -13,7 +13,7 @@ import pytest
 
 from infra.prefect_server import PrefectServer, ProcessWorker, deploy_all, run_deployment
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 READ = """
 import asyncio, json

@@ -154,7 +154,7 @@ def test_ray_started_from_a_thread_outlives_it(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     temp = f"/tmp/rv-ray-t{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     script = _THREAD_START.format(root=root, temp=temp)
@@ -167,7 +167,7 @@ def test_sampler_on_ray_reports_progress_in_the_inline_schema(ray_local, tmp_pat
     """The sample stage on a pool actor (sampler_pool: what restore and restore-archive use) gives the flow's progress
     callback the same dicts as the inline worker's callback, and the same latents."""
     from tasks import sample as sample_stage
-    from tests.test_sample_windows import MODEL, latents, request, write_inputs
+    from tests.tasks.test_sample_windows import MODEL, latents, request, write_inputs
 
     roots = {name: str(tmp_path / name) for name in ("inline", "ray")}
     for root in roots.values():
@@ -198,7 +198,7 @@ def test_a_sampler_pool_starts_no_ray_until_used():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = ("import sys; sys.path.insert(0, %r)\nimport ray\nfrom tasks.sample import sampler_pool\n"
               "pool = sampler_pool('sr8-gp')\nprint('initialized', ray.is_initialized(), pool.num_actors)" % root)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

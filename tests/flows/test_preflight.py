@@ -15,7 +15,7 @@ from flows import preflight as pf
 from flows.config import RestoreConfig
 from tests._clips import write_clip
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 

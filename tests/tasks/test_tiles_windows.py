@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ops import flow, gp, metrics, sampling
-from tests.test_ops_sampling import PositionalDenoiser, _sub_cell_video, _video
+from tests.ops.test_sampling import PositionalDenoiser, _sub_cell_video, _video
 
 
 def _windowed(model, noise, sigmas, cond, fwd, valid, window, **kw):
