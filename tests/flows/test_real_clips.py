@@ -34,9 +34,9 @@ def _check_outputs(report, tmp_path, width, height, frames):
     return restored
 
 
-def _best_shift(restored: np.ndarray, truth: np.ndarray, radius: int = 3) -> tuple[int, int]:
-    """The (dy, dx) that best aligns the restored frames with the truth after a blur (the generative detail
-    differs; the picture's layout must not): (0, 0) unless padding or cropping moved the picture."""
+def _shift_errors(restored: np.ndarray, truth: np.ndarray, radius: int = 3) -> dict:
+    """Mean squared error of the blurred restored frames against the blurred truth at each (dy, dx) offset (the
+    generative detail differs; the picture's layout must not)."""
     import cv2
 
     def grey(v):
@@ -45,9 +45,18 @@ def _best_shift(restored: np.ndarray, truth: np.ndarray, radius: int = 3) -> tup
     a, b = grey(restored), grey(truth)
     h, w = a.shape[1:]
     r = radius
-    errors = {(dy, dx): np.mean((a[:, r + dy:h - r + dy, r + dx:w - r + dx] - b[:, r:h - r, r:w - r]) ** 2)
-              for dy in range(-r, r + 1) for dx in range(-r, r + 1)}
-    return min(errors, key=errors.get)
+    return {(dy, dx): np.mean((a[:, r + dy:h - r + dy, r + dx:w - r + dx] - b[:, r:h - r, r:w - r]) ** 2)
+            for dy in range(-r, r + 1) for dx in range(-r, r + 1)}
+
+
+def _assert_aligned(restored: np.ndarray, truth: np.ndarray) -> None:
+    """Padding or cropping bugs move the whole picture by whole pixels (pads are multiples of the model's 16-32 px):
+    the best offset must be within one pixel and (0, 0) within 10 % of it. The residual models' generated detail
+    can tilt the blurred error by a few percent towards a one-pixel offset on some content (rocket: 2.89 at (1, 0)
+    vs 2.92 at (0, 0) with sr8-res-gp, while phase correlation measures a shift under 0.04 px)."""
+    errors = _shift_errors(restored, truth)
+    best = min(errors, key=errors.get)
+    assert max(abs(best[0]), abs(best[1])) <= 1 and errors[(0, 0)] <= 1.10 * errors[best], (best, errors[(0, 0)], errors[best])
 
 
 def test_odd_177x145_sr8_benchmark(tmp_path):
@@ -57,7 +66,7 @@ def test_odd_177x145_sr8_benchmark(tmp_path):
     restored = _check_outputs(report, tmp_path, 177, 145, 3)
     assert report["preflight"]["padded_width"] == 192 and report["preflight"]["padded_height"] == 160
     assert 15 < report["psnr"] < 60
-    assert _best_shift(restored[:, :145, :177], read_video(clip)[0]) == (0, 0)
+    _assert_aligned(restored[:, :145, :177], read_video(clip)[0])
 
 
 def test_1280x720_sr8_restore_is_refused_by_preflight(tmp_path):
@@ -85,7 +94,7 @@ def test_real_clip_end_to_end(tmp_path, task, mode, width, height, frames):
     restored = _check_outputs(report, tmp_path, width * scale, height * scale, frames)
     if mode == "benchmark" and task == "sr8":
         assert 15 < report["psnr"] < 60
-        assert _best_shift(restored[:, :height, :width], read_video(clip)[0]) == (0, 0)
+        _assert_aligned(restored[:, :height, :width], read_video(clip)[0])
     elif mode == "benchmark":  # inpainting keeps the known pixels in place (a misplaced crop would wreck them)
         from storage.artifacts import ArtifactStore
 
@@ -98,7 +107,7 @@ def test_real_clip_end_to_end(tmp_path, task, mode, width, height, frames):
         import cv2
 
         small = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in restored[:, :8 * height, :8 * width]])
-        assert _best_shift(small, read_video(clip)[0]) == (0, 0)
+        _assert_aligned(small, read_video(clip)[0])
 
 
 @pytest.mark.slow
