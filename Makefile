@@ -44,12 +44,13 @@ EXPERIMENT_SCALE ?= --frames 8 --lambdas 0,0.5,1,2 --sweep-steps 25
 experiments: $(STAMP)
 	$(BIN)/restore-video experiment all --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_ARGS)
 
-# video-sr on the shipped models (sr8-res-gp, integral on sr8-res-white; MLflow experiment video-sr-res), same
-# scale and seeds, with the λ / steps / guidance space that `make experiments`' sweep picked on its tuning clip
-# (EXPERIMENTS.md); written into EXPERIMENTS.md's "video-sr on the shipped model" section (~25 min, 1 CPU thread).
-EXPERIMENT_RES_TUNING ?= --guidance 2 --steps 25 --guidance-space pixel
+# The same on the shipped models (sr8-res-gp, integral on sr8-res-white; MLflow experiments guidance-sweep-res and
+# video-sr-res): the sweep tunes λ / steps / guidance space on the tuning clip with these models
+# (work/experiments/tuning-res.json), video-sr reports on the report clips with that pick; same scale and seeds;
+# written into EXPERIMENTS.md's own sections.
 experiments-res: $(STAMP)
-	$(BIN)/restore-video experiment video-sr --family res --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_RES_TUNING) $(EXPERIMENT_ARGS)
+	$(BIN)/restore-video experiment guidance-sweep --family res --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_ARGS)
+	$(BIN)/restore-video experiment video-sr --family res --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) .prefect .cache work out

@@ -557,8 +557,9 @@ def _autoencoder(model_name: str):
 # tuning: the sweep's pick, used by video-sr
 
 
-def tuning_path(work_root: str) -> str:
-    return f"{work_root.rstrip('/')}/experiments/tuning.json"
+def tuning_path(work_root: str, family: str = "pca") -> str:
+    """The guidance sweep's pick for model `family` (each family is tuned on its own models)."""
+    return f"{work_root.rstrip('/')}/experiments/{experiment_label('tuning', family)}.json"
 
 
 def choose_tuning(rows: list[dict], slack_db: float = PSNR_SLACK_DB) -> dict:
@@ -582,8 +583,8 @@ def choose_tuning(rows: list[dict], slack_db: float = PSNR_SLACK_DB) -> dict:
             "criterion": f"lowest WE pixel first (exact flow) with PSNR >= PSNR(λ=0) - {slack_db:g} dB"}
 
 
-def load_tuning(work_root: str) -> dict | None:
-    path = tuning_path(work_root)
+def load_tuning(work_root: str, family: str = "pca") -> dict | None:
+    path = tuning_path(work_root, family)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -652,7 +653,7 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
     if name == "shift-inpaint" and input is None and frames is not None and frames < 8:
         log(f"note: shift-inpaint with {frames} frames; the paper's comparison uses >= 8")
     given = steps is not None and guidance is not None and space is not None
-    tuning = load_tuning(work_root) if name == "video-sr" and not given else None
+    tuning = load_tuning(work_root, family) if name == "video-sr" and not given else None
     if tuning:
         steps = steps or tuning["steps"]
         guidance = guidance if guidance is not None else tuning["guidance"]
@@ -717,8 +718,8 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
            "table": result["text"], "artifacts": result["artifacts"], "summary": compare.summary_json(result["rows"])}
     if name == "guidance-sweep":
         choice = {**choose_tuning(result["rows"]), "clip": clips[0].image, "parent_run_id": parent_id}
-        os.makedirs(os.path.dirname(tuning_path(work_root)), exist_ok=True)
-        with open(tuning_path(work_root), "w") as f:
+        os.makedirs(os.path.dirname(tuning_path(work_root, family)), exist_ok=True)
+        with open(tuning_path(work_root, family), "w") as f:
             json.dump(choice, f, indent=2)
         MlflowClient(tracking_uri=uri).log_dict(parent_id, choice, "compare/tuning.json")
         out["tuning"] = choice

@@ -461,3 +461,20 @@ def test_res_family_cli_writes_its_own_section_and_keeps_the_pca_table(tmp_path,
         assert "| integral/white | 1 |" in res
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_each_model_family_is_tuned_on_its_own(tmp_path):
+    """The sweep's pick is stored per family (video-sr on the residual models never reads the PCA models' pick)."""
+    import json
+
+    assert experiments.tuning_path(str(tmp_path)).endswith("experiments/tuning.json")  # the documented PCA file
+    res = experiments.tuning_path(str(tmp_path), "res")
+    assert res != experiments.tuning_path(str(tmp_path))
+    (tmp_path / "experiments").mkdir()
+    with open(experiments.tuning_path(str(tmp_path)), "w") as f:
+        json.dump({"guidance": 2.0}, f)
+    assert experiments.load_tuning(str(tmp_path), "res") is None
+    with open(res, "w") as f:
+        json.dump({"guidance": 0.5}, f)
+    assert experiments.load_tuning(str(tmp_path), "res") == {"guidance": 0.5}
+    assert experiments.load_tuning(str(tmp_path)) == {"guidance": 2.0}
