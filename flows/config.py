@@ -74,7 +74,7 @@ class RestoreSettings(BaseModel):
                                      "noise-warping baseline: " + ", ".join(METHODS[1:]))
     mask: str | None = Field(None, description="inpaint, restore mode: mask image or video URL (white = hole)")
     steps: int = Field(50, ge=1, le=1000, description="sampler steps per frame")
-    guidance: float = Field(1.0, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only)")
+    guidance: float = Field(0.5, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only); 0.5 is what the guidance sweep picks for the default models on the tuning clip (EXPERIMENTS.md, guidance-sweep-res): stronger guidance raised their warping error")
     guidance_space: Literal["auto", "pixel", "latent"] = Field(
         "auto", description="where self-guidance compares frames: pixel (decoded frames, pixel flow), latent (the "
         "paper's latent warp), auto = pixel for super-resolution with a linear decoder (the embedded sr8 models), "

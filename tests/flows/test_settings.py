@@ -43,7 +43,7 @@ def test_plan_decides_noise_guidance_space_schedule_and_padding_once():
     default = RestoreSettings()
     info = model_info(default.model_name)
     p = plan(default, info)
-    assert p.noise_method == "gp" and p.guided and p.guidance == 1.0
+    assert p.noise_method == "gp" and p.guided and p.guidance == RestoreSettings.model_fields["guidance"].default
     assert p.guidance_space == "pixel" and p.schedule == "wavefront"  # auto: sr8 with the linear PCA decoder
     assert p.base_noise == info["noise"] == "gp"
     assert (p.factor, p.multiple) == (model_geometry(default.model_name)["factor"], model_geometry(default.model_name)["multiple"])

@@ -40,7 +40,7 @@ def test_tiny_seeded_restoration_matches_the_recorded_numbers(tmp_path):
     try:
         model = build_concat(tmp_path / "tiny")
         clip = write_video(str(tmp_path / "clip.mkv"), render(32, 32, 2), 8, lossless=True)
-        cfg = RestoreConfig(input=clip, model=str(model), mode="benchmark", steps=2, flow_backend="shift:1.5,0.5",
+        cfg = RestoreConfig(input=clip, model=str(model), mode="benchmark", steps=2, guidance=1.0, flow_backend="shift:1.5,0.5",
                             executor="inline", device="cpu", work_root=str(tmp_path / "work"))
         calls, plan = derive_calls(cfg)
         space = plan.sample_space
