@@ -103,13 +103,18 @@ def write_sine_audio(path: str, seconds: float, rate: int = 44100, hz: float = 4
     with av.open(path, "w") as out:
         s = out.add_stream("aac", rate=rate)
         s.layout = "mono"
-        fs = s.codec_context.frame_size or 1024
-        for i in range(0, n, fs):
-            fr = av.AudioFrame.from_ndarray(wave[None, i:i + fs].copy(), format="fltp", layout="mono")
-            fr.sample_rate, fr.pts = rate, i
-            out.mux(s.encode(fr))
-        out.mux(s.encode(None))
+        mux_mono_audio(out, s, wave, rate)
     return path
+
+
+def mux_mono_audio(out, stream, wave: np.ndarray, rate: int) -> None:
+    """Encode a mono float wave (n,) into an open PyAV audio stream, frame by frame, and flush it."""
+    size = stream.codec_context.frame_size or 1024
+    for i in range(0, len(wave), size):
+        frame = av.AudioFrame.from_ndarray(wave[None, i:i + size].copy(), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, i
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))
 
 
 def make_sample_clip_with_audio(path: str, frames: int = 16, size: int = 256, seed: int = 0, fps=8,

@@ -12,6 +12,8 @@ import av
 import cv2
 import numpy as np
 
+from storage.sample import mux_mono_audio
+
 
 def _photo(name: str, width: int, height: int) -> np.ndarray:
     """The photograph, scaled so a frame of (width, height) at zoom <= 1.3 plus the pan fits inside it."""
@@ -79,10 +81,5 @@ def write_clip(path: str, width: int, height: int, frames: int, fps=10, photo: s
             idx = np.clip(np.searchsorted(np.asarray(ends), ts, side="right"), 0, frames - 1)
             phase = 2 * np.pi * np.cumsum(np.array([frame_tone_hz(i) for i in range(frames)])[idx]) / audio_rate
             wave = (0.3 * np.sin(phase)).astype(np.float32)  # (n,)
-            size = aus.codec_context.frame_size or 1024
-            for s in range(0, n, size):
-                af = av.AudioFrame.from_ndarray(wave[None, s:s + size].copy(), format="fltp", layout="mono")
-                af.sample_rate, af.pts = audio_rate, s
-                out.mux(aus.encode(af))
-            out.mux(aus.encode(None))
+            mux_mono_audio(out, aus, wave, audio_rate)
     return path

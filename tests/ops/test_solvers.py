@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ops import flow, gp, noise_warp, operators, sampling, solvers
+from tests.ops.test_sampling import PositionalDenoiser  # the same non-equivariant toy denoiser (S = 0.5)
 
 S, MU = 0.5, 0.3  # data ~ N(MU, S^2) per element
 GAMMA = 0.05  # measurement noise std
@@ -17,20 +18,6 @@ def gaussian_denoiser(x, sigma, cond=None):
     a = (S**2 / (S**2 + sigma**2)).view(-1, *([1] * (x.ndim - 1)))
     return MU + a * (x - MU)
 
-
-class PositionalDenoiser(torch.nn.Module):
-    """The toy's denoiser pulled towards a fixed spatial pattern plus a small conv: not translation-equivariant."""
-
-    def __init__(self, c, h, w):
-        super().__init__()
-        g = torch.Generator().manual_seed(7)
-        self.register_buffer("pattern", 0.3 * torch.randn(1, c, h, w, generator=g, dtype=torch.float64))
-        self.conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False, dtype=torch.float64)
-        torch.nn.init.normal_(self.conv.weight, std=0.05, generator=g)
-
-    def forward(self, x, sigma, cond=None):
-        a = (S**2 / (S**2 + sigma**2)).view(-1, 1, 1, 1)
-        return a * (x + 0.1 * torch.tanh(self.conv(x))) + (1 - a) * self.pattern
 
 
 def _masked_problem(frames, c=1, h=4, w=4):
