@@ -302,17 +302,10 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def available_memory() -> int:
-    """Bytes of RAM available now (psutil, else /proc/meminfo MemAvailable)."""
-    try:
-        import psutil
+    """Bytes of RAM available now."""
+    import psutil
 
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return 8 * GIB
+    return int(psutil.virtual_memory().available)
 
 
 def preflight(cfg, available: int | None = None, plan=None) -> Estimate:

@@ -170,11 +170,9 @@ _CLEANUP_INSTALLED = False
 
 def reap_children(patterns: tuple[str, ...] = SERVER_CHILD_PATTERNS, grace: float = 5.0) -> list[str]:
     """SIGTERM (then SIGKILL after `grace` s) this process's direct children whose command line contains one of
-    `patterns`; returns their command lines. Needs psutil (a no-op without it)."""
-    try:
-        import psutil
-    except ImportError:
-        return []
+    `patterns`; returns their command lines."""
+    import psutil
+
     found = []
     for child in psutil.Process().children(recursive=False):
         try:

@@ -275,14 +275,14 @@ def run_url(run_id: str, experiment_id: str, uri: str | None = None) -> str | No
 def restoration_run(experiment: str, run_name: str | None = None, *, params: Mapping[str, Any] | None = None,
                     tags: Mapping[str, Any] | None = None, uri: str | None = None, parent_run_id: str | None = None,
                     weights_hash: str | None = None, input_url: str | None = None,
-                    system_metrics: bool | None = None, storage_options: Mapping | None = None) -> Iterator:
+                    system_metrics: bool = True, storage_options: Mapping | None = None) -> Iterator:
     """The MLflow run of one restoration, opened when the flow starts; yields the ActiveRun.
 
     - params: `log_config(params)` (redacted, flattened) and the same dict as `config.json`;
     - tags: `mlflow.source.git.commit`, `weights_sha256` (when given), `prefect_flow_run_id` (inside a flow run),
       then `tags` (redacted);
     - the input (`input_url`, read with `storage_options`) as an MLflow dataset input with its content digest;
-    - system metrics (CPU, memory, GPU) when psutil is importable, unless `system_metrics=False`;
+    - system metrics (CPU, memory, GPU), unless `system_metrics=False`;
     - ends FINISHED; FAILED when the body raises, with tag `error` = "<Type>: <message>" (secrets scrubbed);
       KILLED on KeyboardInterrupt/SystemExit. The exception propagates.
     """
@@ -290,13 +290,6 @@ def restoration_run(experiment: str, run_name: str | None = None, *, params: Map
 
     if uri:
         use_tracking_uri(uri)
-    if system_metrics is None:
-        try:
-            import psutil  # noqa: F401
-
-            system_metrics = True
-        except ImportError:
-            system_metrics = False
     exp_id = ensure_experiment(experiment, mlflow.get_tracking_uri())
     all_tags = dict(source_tags())
     if weights_hash:
