@@ -63,11 +63,13 @@ def _print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
         return
+    from flows.restore_video import quality_rows
+
     print(f"restored {report['frames']} frames ({report['task']}, {report['method']})")
-    we = report["warping_error"]
-    print(f"  warping error  pixel first {we['pixel_first']:.5f}  prev {we['pixel_prev']:.5f}  latent first {we['latent_first']:.4f}  prev {we['latent_prev']:.4f}")
-    if "psnr" in report:
-        print(f"  PSNR {report['psnr']:.2f} dB  SSIM {report['ssim']:.4f}")
+    header, rows = quality_rows(report)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  " + "  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(row)))
     print(f"  stages cached: {sum(report['cached'].values())}/{len(report['cached'])}   total {report['timings_s'].get('total', 0):.1f} s")
     for name, url in report["outputs"].items():
         print(f"  {name:18s} {url}")

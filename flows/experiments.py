@@ -442,7 +442,7 @@ def score(frames, truth=None, est=None, exact=None, latents=None, factor: int = 
         out["psnr"] = float(metrics.psnr(frames, truth).mean())
         out["ssim"] = float(metrics.ssim(frames, truth).mean())
         out["grad_ratio"] = metrics.grad_ratio(frames, truth)
-        out["blockiness"] = metrics.blockiness(frames, truth, factor)
+        out["blockiness"] = float(metrics.blockiness(frames, truth, factor))
         if hole is not None and hole.any():
             holes = torch.as_tensor(hole).bool()[:, None].expand_as(frames)
             out["hole_psnr"] = float(10 * torch.log10(1 / ((frames - truth)[holes] ** 2).mean().clamp_min(1e-20)))

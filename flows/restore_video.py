@@ -232,26 +232,48 @@ def restore_video(**params) -> dict:
     return report
 
 
+def quality_rows(report: dict) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The report's scores as a table: header ["score", "restored", "input: <baseline>"] and one row per score, the
+    restoration next to the input baseline it has to beat (tasks.metrics.INPUT_BASELINES; no column without one)."""
+    base = report.get("input")
+    header = ["score", "restored"] + ([f"input: {base['name']}"] if base else [])
+    rows = []
+
+    def add(label, key, fmt, sub=None):
+        values = [r.get(sub, {}).get(key) if sub else r.get(key) for r in ([report] + ([base] if base else []))]
+        if values[0] is not None:
+            rows.append((label, *[("–" if v is None else format(v, fmt)) for v in values]))
+
+    add("warping error, pixel first", "pixel_first", ".5f", "warping_error")
+    add("warping error, pixel prev", "pixel_prev", ".5f", "warping_error")
+    add("warping error, latent first", "latent_first", ".4f", "warping_error")
+    add("warping error, latent prev", "latent_prev", ".4f", "warping_error")
+    add("PSNR (dB)", "psnr", ".2f")
+    add("SSIM", "ssim", ".4f")
+    add("hole PSNR (dB)", "hole_psnr", ".2f")
+    add("grad ratio (1 = as sharp as the truth)", "grad_ratio", ".3f")
+    add("blockiness (1 = no 8-px blocks)", "blockiness", ".3f")
+    return header, rows
+
+
 def summary_markdown(report: dict) -> str:
-    """The run in markdown: what was restored, the metrics, the output URLs and the MLflow run (a link when a UI is
-    known: infra.tracking.run_url)."""
+    """The run in markdown: what was restored, the scores next to the input's own (quality_rows), the output URLs
+    and the MLflow run (a link when a UI is known: infra.tracking.run_url)."""
     from infra.tracking import run_url, scrub
 
-    we = report["warping_error"]
-    rows = [("frames", report["frames"]), ("task / method", f"{report['task']} / {report['method']}"),
-            ("model", report["model"]), ("guidance space", report["guidance_space"]),
-            ("warping error, pixel (first / prev)", f"{we['pixel_first']:.5f} / {we['pixel_prev']:.5f}"),
-            ("warping error, latent (first / prev)", f"{we['latent_first']:.4f} / {we['latent_prev']:.4f}")]
-    if "psnr" in report:
-        rows.append(("PSNR / SSIM", f"{report['psnr']:.2f} dB / {report['ssim']:.4f}"))
     cached = report["cached"]
-    rows += [("stages reused", f"{sum(cached.values())}/{len(cached)}"),
+    facts = [("frames", report["frames"]), ("task / method", f"{report['task']} / {report['method']}"),
+             ("model", report["model"]), ("guidance space", report["guidance_space"]),
+             ("stages reused", f"{sum(cached.values())}/{len(cached)}"),
              ("total time", f"{report['timings_s'].get('total', 0):.1f} s")]
+    header, rows = quality_rows(report)
     url = run_url(report["mlflow_run_id"], report.get("mlflow_experiment_id", "0"), report["mlflow_tracking_uri"])
     mlflow_line = (f"[{report['mlflow_run_id']}]({url})" if url else
                    f"`{report['mlflow_run_id']}` (`mlflow ui --backend-store-uri {report['mlflow_tracking_uri']}`, then "
                    f"#/experiments/{report.get('mlflow_experiment_id', '0')}/runs/{report['mlflow_run_id']})")
-    lines = ["# restore-video", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+    lines = ["# restore-video", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], "",
+             "## Scores", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+             *["| " + " | ".join(r) + " |" for r in rows], "",
              "## Outputs", "", *[f"- {name}: `{u}`" for name, u in report["outputs"].items()], "",
              f"MLflow run: {mlflow_line}"]
     return scrub("\n".join(lines) + "\n")  # no credentials of a URL in an artifact

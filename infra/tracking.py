@@ -400,17 +400,23 @@ def log_output_files(urls: Mapping[str, str], storage_options: Mapping | None = 
 def log_restoration(report: Mapping[str, Any], per_frame: Mapping[str, Iterable[float]], urls: Mapping[str, str],
                     storage_options: Mapping | None = None, log_videos: bool = False) -> None:
     """Into the active MLflow run (its params were logged, redacted, when it opened): the guidance space used, the
-    report's numbers (summary, warping errors, timings) as metrics, per-frame series (step = frame index), and the
+    report's numbers (summary, warping errors, timings; the input baseline's as input_*) as metrics, per-frame series (step = frame index), and the
     output files as artifacts (videos only with `log_videos`)."""
     import mlflow
 
     mlflow.log_param("guidance_space_used", report["guidance_space"])
-    flat = {}
-    for key, value in report.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = value
-        elif key in ("warping_error", "timings_s") and isinstance(value, Mapping):
-            flat.update({f"{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+    def numbers(record: Mapping, prefix: str = "") -> dict:
+        out = {}
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[prefix + key] = value
+            elif key in ("warping_error", "timings_s") and isinstance(value, Mapping):
+                out.update({f"{prefix}{key}_{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        return out
+
+    flat = numbers(report)
+    if isinstance(report.get("input"), Mapping):  # the input baseline's scores: input_psnr, input_warping_error_...
+        flat.update(numbers(report["input"], "input_"))
     mlflow.log_metrics({k: float(v) for k, v in flat.items() if v == v})  # NaN-free
     for name, values in per_frame.items():
         log_series(f"per_frame_{name}", values)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .training import cell_border_ratio
+from .metrics import cell_border_ratio
 
 
 def sine_window(factor: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ def fit_lapped(ae: LappedAutoencoder, batches, steps: int, lr: float = 3e-3, smo
     """Least-squares fit of analysis + synthesis on crops: minimise |decode(encode(x)) - x|^2 with Adam.
 
     Plus `smooth` * max(0, r - 1) for two decoded latent errors, r = the cell-border ratio
-    (`ops.training.cell_border_ratio`): white noise with the latent's per-channel std (what a denoiser's mistakes
+    (`ops.metrics.cell_border_ratio`): white noise with the latent's per-channel std (what a denoiser's mistakes
     look like) and white noise scaled so every channel's synthesis functions carry the same pixel energy (a
     regressor corrects mostly the fine-detail channels, which PCA decodes into sharp 8x8 blocks).
     `batches`: a callable step -> (B, 3, H, W) crops in [0, 1]. Returns the loss every 50 steps. Afterwards

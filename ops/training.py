@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import degrade
 from .gp import gp_noise_torch
-from .metrics import psnr  # noqa: F401  (the training reports' PSNR is the metrics one)
+from .metrics import blockiness, cell_border_ratio, mean_gradient, psnr  # noqa: F401  (one definition: ops.metrics)
 from .sampling import karras_sigmas, sample_euler
 
 
@@ -118,29 +118,6 @@ def sample(model, cond: torch.Tensor, noise: torch.Tensor, steps: int = 32, sigm
     if mean is not None:
         x = x + mean.to(x.dtype)
     return sample_euler(lambda x, s, c: model.denoise(x, s, c), x, sigmas.to(noise.dtype), cond)
-
-
-def mean_gradient(images: torch.Tensor) -> torch.Tensor:
-    """Mean gradient magnitude (forward differences, channel-averaged) per image -> (B,)."""
-    gy = images[:, :, 1:, :-1] - images[:, :, :-1, :-1]
-    gx = images[:, :, :-1, 1:] - images[:, :, :-1, :-1]
-    return torch.sqrt(gx**2 + gy**2 + 1e-12).mean((1, 2, 3))
-
-
-def cell_border_ratio(images: torch.Tensor, cell: int = 8) -> torch.Tensor:
-    """Mean |horizontal + vertical pixel difference| across `cell`-px borders / the mean elsewhere -> scalar."""
-    dx = (images[..., :, 1:] - images[..., :, :-1]).abs()  # (B, C, H, W-1): x[i+1] - x[i]
-    dy = (images[..., 1:, :] - images[..., :-1, :]).abs()  # (B, C, H-1, W)
-    bx = (torch.arange(1, images.shape[-1], device=images.device) % cell == 0)  # a border lies between i and i+1
-    by = (torch.arange(1, images.shape[-2], device=images.device) % cell == 0)
-    border = (dx[..., bx].sum() + dy[..., by, :].sum()) / (dx[..., bx].numel() + dy[..., by, :].numel())
-    inner = (dx[..., ~bx].sum() + dy[..., ~by, :].sum()) / (dx[..., ~bx].numel() + dy[..., ~by, :].numel())
-    return border / inner.clamp_min(1e-12)
-
-
-def blockiness(restored: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> torch.Tensor:
-    """Block artefacts: cell-border ratio of the restoration over that of the ground truth (1 = none) -> scalar."""
-    return cell_border_ratio(restored, cell) / cell_border_ratio(truth, cell)
 
 
 def telea_inpaint(images: torch.Tensor, mask: torch.Tensor, radius: int = 5) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Stage metrics: four self-warping errors (pixel/latent x first/prev), PSNR/SSIM (and the holes' PSNR) against the
-truth when known, flicker; stored as JSON in the artifact's attrs, so a rerun reads it back (`read`)."""
+"""Stage metrics: four self-warping errors (pixel/latent x first/prev), PSNR/SSIM (and the holes' PSNR), grad ratio and
+blockiness against the truth when known, flicker; the same pixel scores for the input baseline (bicubic, Telea, the
+degraded frames): whether the restoration beat what it was given. Stored as JSON in the artifact's attrs, so a rerun reads it back (`read`)."""
 
 from __future__ import annotations
 
@@ -50,16 +51,102 @@ def _chunk(array, start: int, stop: int, height: int | None = None, width: int |
     return block if height is None else block[:, :height, :width]
 
 
+# What the model was given, scored like a restoration: the bar a restoration has to clear.
+INPUT_BASELINES = {"sr8": "bicubic x8", "sr4": "bicubic x4", "inpaint": "Telea fill (OpenCV) of the holes",
+                   "deblur": "the blurred input", "denoise": "the noisy input"}
+
+
+def input_frames(prepared: xr.Dataset, start: int, stop: int, height: int, width: int) -> torch.Tensor:
+    """(n, 3, H, W) float64 frames of the input baseline (INPUT_BASELINES): the prepared conditioning frames (bicubic
+    upsampling for super-resolution, the degraded frames otherwise), holes filled by OpenCV's Telea for inpainting."""
+    from ops.training import telea_inpaint
+
+    x = to_float(_chunk(prepared["cond"], start, stop, height, width), torch.float64)
+    if "mask" in prepared:
+        holes = torch.from_numpy(_chunk(prepared["mask"], start, stop, height, width)).double()[:, None]  # (n, 1, H, W)
+        x = telea_inpaint(x, holes).double()
+    return x
+
+
+CELL = 8  # blockiness is measured on 8-px cells (issue 13's definition; the latent factor of every model shipped)
+
+
+class _Scores:
+    """Streamed scores of one video in pixels (and latents when given): self-warping errors, PSNR/SSIM/hole PSNR,
+    sharpness (grad ratio) and blockiness against the truth, flicker."""
+
+    def __init__(self, latent: bool):
+        self.pixel_first, self.latent_first = _FirstFrameError(), (_FirstFrameError() if latent else None)
+        self.series = {"warping_error_pixel_prev": [], "warping_error_latent_prev": [], "psnr": [], "ssim": []}
+        self.means: list[float] = []
+        self.hole_sq, self.hole_n = 0.0, 0
+        self.grad = torch.zeros(2, dtype=torch.float64)  # sums of per-frame mean gradient: restored, truth
+        self.cells = torch.zeros(2, 4, dtype=torch.float64)  # metrics.cell_border_stats: restored, truth
+        self.prev_x = self.prev_z = None
+        self.has_truth = False
+
+    def add(self, x, fwd, valid, truth=None, hole=None, z=None, lfwd=None, lvalid=None) -> None:
+        """x (n, 3, H, W) float64, the next frames; fwd / valid the pixel flows into them (one fewer on the first
+        call); truth like x; hole (n, 1, H, W) bool; z, lfwd, lvalid the same for latents."""
+        self.pixel_first.add(x, fwd, valid)
+        xs = x if self.prev_x is None else torch.cat([self.prev_x, x])  # the frame before the chunk: the 'prev' reference
+        if len(xs) > 1:
+            self.series["warping_error_pixel_prev"] += metrics.warping_error(xs, fwd, valid, "prev").tolist()
+        self.prev_x = x[-1:]
+        if z is not None:
+            self.latent_first.add(z, lfwd, lvalid)
+            zs = z if self.prev_z is None else torch.cat([self.prev_z, z])
+            if len(zs) > 1:
+                self.series["warping_error_latent_prev"] += metrics.warping_error(zs, lfwd, lvalid, "prev").tolist()
+            self.prev_z = z[-1:]
+        self.means += x.mean((1, 2, 3)).tolist()
+        if truth is None:
+            return
+        self.has_truth = True
+        self.series["psnr"] += metrics.psnr(x, truth).tolist()
+        self.series["ssim"] += metrics.ssim(x, truth).tolist()
+        self.grad += torch.stack([metrics.mean_gradient(x).sum(), metrics.mean_gradient(truth).sum()])
+        if max(x.shape[-2:]) > CELL:
+            self.cells += torch.stack([metrics.cell_border_stats(x, CELL), metrics.cell_border_stats(truth, CELL)])
+        if hole is not None:
+            hole = hole.expand_as(x)
+            self.hole_sq += float(((x - truth)[hole] ** 2).sum())
+            self.hole_n += int(hole.sum())
+
+    def per_frame(self) -> dict:
+        out = {"warping_error_pixel_first": self.pixel_first.errors,
+               "warping_error_pixel_prev": self.series["warping_error_pixel_prev"]}
+        if self.latent_first is not None:
+            out.update(warping_error_latent_first=self.latent_first.errors,
+                       warping_error_latent_prev=self.series["warping_error_latent_prev"])
+        if self.has_truth:
+            out.update(psnr=self.series["psnr"], ssim=self.series["ssim"])
+        return out
+
+    def summary(self, per_frame: dict) -> dict:
+        names = [k[len("warping_error_"):] for k in per_frame if k.startswith("warping_error_")]
+        out = {"warping_error": {n: metrics.summarize(torch.tensor(per_frame[f"warping_error_{n}"], dtype=torch.float64))
+                                 for n in names},
+               "flicker": float(np.abs(np.diff(self.means)).mean()) if len(self.means) > 1 else 0.0}
+        if self.has_truth:
+            out.update(psnr=float(np.mean(self.series["psnr"])), ssim=float(np.mean(self.series["ssim"])),
+                       grad_ratio=float(self.grad[0] / self.grad[1].clamp_min(1e-12)),
+                       blockiness=float(metrics.border_ratio(self.cells[0]) / metrics.border_ratio(self.cells[1]))
+                       if self.cells[0, 1] > 0 else math.nan)
+            if self.hole_n:
+                out["hole_psnr"] = float(10 * np.log10(1 / max(self.hole_sq / self.hole_n, 1e-20)))
+        return out
+
+
 def compute_metrics(restored: xr.Dataset, prepared: xr.Dataset, flows: xr.Dataset, latents) -> dict:
-    """Four self-warping errors (pixel/latent x first/prev), PSNR/SSIM against the truth when known, flicker.
+    """Four self-warping errors (pixel/latent x first/prev), flicker and, against the truth when known, PSNR/SSIM (and
+    the holes' PSNR), grad ratio and blockiness (8-px cells); the same pixel scores for the input baseline
+    (INPUT_BASELINES, under summary["input"]) when the prepared frames say which task it is.
 
     Streamed: frames, flows, latents and the truth are read one stored chunk of frames at a time (plus the frame
     before the chunk), so memory does not grow with the video's length. latents: (frame, c, ly, lx), lazy or numpy."""
-    pixel_first, latent_first = _FirstFrameError(), _FirstFrameError()
-    series = {"warping_error_pixel_prev": [], "warping_error_latent_prev": [], "psnr": [], "ssim": []}
-    means, hole_sq, hole_n = [], 0.0, 0
-    prev_x = prev_z = None
-    h = w = None
+    task = prepared.attrs.get("task")
+    scores, baseline = _Scores(latent=True), (_Scores(latent=False) if task in INPUT_BASELINES and "cond" in prepared else None)
     for s, block in frame_chunks(restored["frames"]):
         e = s + len(block)
         h, w = block.shape[1:3]
@@ -70,37 +157,16 @@ def compute_metrics(restored: xr.Dataset, prepared: xr.Dataset, flows: xr.Datase
         lvalid = torch.from_numpy(_chunk(flows["latent_valid"], lo, e - 1))
         x = to_float(block, torch.float64)  # (n, 3, H, W)
         z = torch.from_numpy(_chunk(latents, s, e)).double()  # (n, C, h, w)
-        pixel_first.add(x, fwd, valid)
-        latent_first.add(z, lfwd, lvalid)
-        xs = x if prev_x is None else torch.cat([prev_x, x])  # the frame before the chunk: the 'prev' reference
-        zs = z if prev_z is None else torch.cat([prev_z, z])
-        if len(xs) > 1:
-            series["warping_error_pixel_prev"] += metrics.warping_error(xs, fwd, valid, "prev").tolist()
-            series["warping_error_latent_prev"] += metrics.warping_error(zs, lfwd, lvalid, "prev").tolist()
-        prev_x, prev_z = x[-1:], z[-1:]
-        means += x.mean((1, 2, 3)).tolist()
-        if "truth" in prepared:
-            truth = to_float(_chunk(prepared["truth"], s, e, h, w), torch.float64)
-            series["psnr"] += metrics.psnr(x, truth).tolist()
-            series["ssim"] += metrics.ssim(x, truth).tolist()
-            if "mask" in prepared:
-                hole = torch.from_numpy(_chunk(prepared["mask"], s, e, h, w)).bool()[:, None].expand_as(x)
-                hole_sq += float(((x - truth)[hole] ** 2).sum())
-                hole_n += int(hole.sum())
-    per_frame = {"warping_error_pixel_first": pixel_first.errors, "warping_error_pixel_prev": series["warping_error_pixel_prev"],
-                 "warping_error_latent_first": latent_first.errors, "warping_error_latent_prev": series["warping_error_latent_prev"]}
-    summary = {
-        "warping_error": {name: metrics.summarize(torch.tensor(per_frame[f"warping_error_{name}"], dtype=torch.float64))
-                          for name in ("pixel_first", "pixel_prev", "latent_first", "latent_prev")},
-        "flicker": float(np.abs(np.diff(means)).mean()),
-    }
-    if "truth" in prepared:
-        per_frame["psnr"], per_frame["ssim"] = series["psnr"], series["ssim"]
-        summary["psnr"] = float(np.mean(series["psnr"]))
-        summary["ssim"] = float(np.mean(series["ssim"]))
-        if "mask" in prepared:
-            mse = hole_sq / hole_n if hole_n else 0.0
-            summary["hole_psnr"] = float(10 * np.log10(1 / max(mse, 1e-20)))
+        truth = to_float(_chunk(prepared["truth"], s, e, h, w), torch.float64) if "truth" in prepared else None
+        hole = (torch.from_numpy(_chunk(prepared["mask"], s, e, h, w)).bool()[:, None]
+                if truth is not None and "mask" in prepared else None)  # (n, 1, H, W)
+        scores.add(x, fwd, valid, truth, hole, z, lfwd, lvalid)
+        if baseline is not None:
+            baseline.add(input_frames(prepared, s, e, h, w), fwd, valid, truth, hole)
+    per_frame = scores.per_frame()
+    summary = scores.summary(per_frame)
+    if baseline is not None:
+        summary["input"] = {"name": INPUT_BASELINES[task], **baseline.summary(baseline.per_frame())}
     return {"summary": summary, "per_frame": {k: [float(v) for v in t] for k, t in per_frame.items()}}
 
 
@@ -117,5 +183,5 @@ def read(store, key: str) -> dict:
 
 
 # args: none (everything comes from the upstream artifacts)
-STAGE = Stage("metrics", version="1", inputs=("decode", "prepare", "estimate_flow", "sample"), identity=lambda a, _: {},
+STAGE = Stage("metrics", version="2", inputs=("decode", "prepare", "estimate_flow", "sample"), identity=lambda a, _: {},
               compute=_compute)

@@ -60,13 +60,38 @@ def test_cli_run_is_a_flow_run_with_task_runs_per_run_out_and_summary(tmp_path):
     link = f"{ui}/#/experiments/{report['mlflow_experiment_id']}/runs/{report['mlflow_run_id']}"
     assert f"[{report['mlflow_run_id']}]({link})" in summary["data"]
     assert str(out / "restored.mp4") in summary["data"] and "warping error" in summary["data"]
+    assert "| score | restored | input: bicubic x8 |" in summary["data"]  # restore mode too: the input's own warping error
+    assert report["input"]["name"] == "bicubic x8" and "psnr" not in report["input"]  # no truth in restore mode
     client = mlflow.MlflowClient(tracking_uri=report["mlflow_tracking_uri"])
     run = client.get_run(report["mlflow_run_id"])
+    assert run.data.metrics["input_warping_error_pixel_first"] == pytest.approx(report["input"]["warping_error"]["pixel_first"])
     assert run.info.status == "FINISHED" and run.data.tags["prefect_flow_run_id"] == flow_run["id"]
     [dataset] = run.inputs.dataset_inputs
     from infra.tracking import content_digest
 
     assert dataset.dataset.name == "holiday.mp4" and dataset.dataset.digest == content_digest(clip)
+
+
+def test_summary_puts_every_score_next_to_the_input_baseline():
+    from flows.restore_video import quality_rows, summary_markdown
+
+    we = {"pixel_first": 2e-3, "pixel_prev": 1e-3, "latent_first": 0.5, "latent_prev": 0.25}
+    report = {"frames": 3, "task": "inpaint", "method": "gp", "model": "m", "guidance_space": "latent",
+              "warping_error": we, "psnr": 30.0, "ssim": 0.9, "hole_psnr": 21.5, "grad_ratio": 0.9, "blockiness": 1.02,
+              "input": {"name": "Telea fill (OpenCV) of the holes", "warping_error": {"pixel_first": 1e-3, "pixel_prev": 5e-4},
+                        "psnr": 31.0, "ssim": 0.95, "hole_psnr": 22.25, "grad_ratio": 0.8, "blockiness": 1.0},
+              "cached": {"sample": False}, "timings_s": {"total": 1.0}, "outputs": {"restored.mp4": "/x/restored.mp4"},
+              "mlflow_run_id": "abc", "mlflow_experiment_id": "1", "mlflow_tracking_uri": "sqlite:///x.db"}
+    header, rows = quality_rows(report)
+    assert header == ["score", "restored", "input: Telea fill (OpenCV) of the holes"]
+    table = {r[0]: r[1:] for r in rows}
+    assert table["hole PSNR (dB)"] == ("21.50", "22.25") and table["warping error, pixel first"] == ("0.00200", "0.00100")
+    assert table["warping error, latent first"] == ("0.5000", "–")  # the input has no latents
+    md = summary_markdown(report)
+    assert "| PSNR (dB) | 30.00 | 31.00 |" in md and "| blockiness (1 = no 8-px blocks) | 1.020 | 1.000 |" in md
+    del report["input"], report["psnr"]
+    header, rows = quality_rows(report)
+    assert header == ["score", "restored"] and "PSNR (dB)" not in {r[0] for r in rows}
 
 
 @pytest.mark.slow  # one flow run on Prefect's temporary server

@@ -26,7 +26,9 @@ def _datasets(f=7, h=20, w=24, seed=0):
     lfwd = torch.from_numpy(rng.normal(0, 0.5, (f - 1, (h + 4) // 4, (w + 8) // 4, 2)))
     lvalid = torch.from_numpy(rng.random(lfwd.shape[:3]) > 0.2)
     restored = xr.Dataset({"frames": (("frame", "y", "x", "rgb"), frames)})
-    prepared = xr.Dataset({"truth": (("frame", "y", "x", "rgb"), truth), "mask": (("frame", "y", "x"), mask)})
+    cond = np.where(mask[..., None] > 0, 128, truth).astype(np.uint8)  # the holes greyed, as prepare does
+    prepared = xr.Dataset({"truth": (("frame", "y", "x", "rgb"), truth), "mask": (("frame", "y", "x"), mask),
+                           "cond": (("frame", "y", "x", "rgb"), cond)}, attrs={"task": "inpaint"})
     flows = xr.Dataset({"forward": (("pair", "y", "x", "xy"), fwd.float().numpy()), "valid": (("pair", "y", "x"), valid.numpy()),
                         "latent_forward": (("pair", "ly", "lx", "xy"), lfwd.float().numpy()),
                         "latent_valid": (("pair", "ly", "lx"), lvalid.numpy())})
@@ -52,6 +54,11 @@ def test_streamed_metrics_equal_the_whole_video_formulas():
     }
     hole = torch.from_numpy(prepared["mask"].values[:, :h, :w]).bool()[:, None].expand_as(x)
     hole_psnr = float(10 * torch.log10(1 / ((x - truth)[hole] ** 2).mean()))
+    from ops.training import telea_inpaint
+
+    cond = torch.from_numpy(prepared["cond"].values[:, :h, :w]).permute(0, 3, 1, 2).double() / 255
+    telea = telea_inpaint(cond, hole[:, :1].double()).double()  # the input baseline of inpainting
+    wholes = {"restored": x, "input": telea}
     for chunks in ({"frame": 1}, {"frame": 3}, {"frame": 2, "pair": 2}):  # lazy (dask) chunks of frames, as zarr gives
         lazy = [d.chunk({k: v for k, v in chunks.items() if k in d.dims}) for d in (restored, prepared, flows)]
         lat = xr.DataArray(latents, dims=("frame", "c", "ly", "lx")).chunk({"frame": chunks["frame"]})
@@ -60,6 +67,16 @@ def test_streamed_metrics_equal_the_whole_video_formulas():
             np.testing.assert_allclose(got["per_frame"][name], values.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
         assert np.isclose(got["summary"]["flicker"], float(metrics.flicker(x)))
         assert np.isclose(got["summary"]["hole_psnr"], hole_psnr)
+        base = got["summary"]["input"]
+        assert base["name"].startswith("Telea")
+        for name, v in wholes.items():  # grad ratio and blockiness summed over chunks = the whole video's
+            summary = got["summary"] if name == "restored" else base
+            assert np.isclose(summary["grad_ratio"], metrics.grad_ratio(v, truth)), name
+            assert np.isclose(summary["blockiness"], float(metrics.blockiness(v, truth))), name
+        assert np.isclose(base["psnr"], float(metrics.psnr(telea, truth).mean()))
+        assert np.isclose(base["warping_error"]["pixel_prev"], metrics.summarize(metrics.warping_error(telea, fwd, valid, "prev")))
+        assert set(base["warping_error"]) == {"pixel_first", "pixel_prev"}  # the input has no latents
+        assert base["psnr"] > got["summary"]["psnr"]  # Telea beats random frames: the baseline is not the restoration
 
 
 def test_frame_chunks_follow_the_stored_chunks():
