@@ -72,14 +72,16 @@ class RestoreSettings(BaseModel):
     )
     method: Literal[METHODS] = Field("warped-diffusion", description="warped-diffusion (GP noise + self-guidance) or a "
                                      "noise-warping baseline: " + ", ".join(METHODS[1:]))
-    mask: str | None = Field(None, description="inpaint, restore mode: mask image or video URL (white = hole)")
+    mask: str | None = Field(None, description="inpaint: mask image or video URL (white = hole); restore mode: "
+                                "the input's holes; benchmark mode: holes cut into the clean input (default: drawn from "
+                                "the seed)")
     steps: int = Field(50, ge=1, le=1000, description="sampler steps per frame")
     guidance: float = Field(0.5, ge=0.0, le=100.0, description="self-guidance strength lambda (warped-diffusion only); 0.5 is what the guidance sweep picks for the default models on the tuning clip (EXPERIMENTS.md, guidance-sweep-res): stronger guidance raised their warping error")
     guidance_space: Literal["auto", "pixel", "latent"] = Field(
         "auto", description="where self-guidance compares frames: pixel (decoded frames, pixel flow), latent (the "
         "paper's latent warp), auto = pixel for super-resolution with a linear decoder (the embedded sr8 models), "
         "latent otherwise")
-    seed: int = Field(0, ge=0, description="seed of the noise (and of benchmark-mode masks)")
+    seed: int = Field(0, ge=0, description="seed of the noise (and of benchmark-mode masks without --mask)")
     model: str | None = Field(None, description="model name in assets/models or a local diffusers directory")
     flow_backend: str = Field("dis", description="dis | farneback | shift:DX,DY (known integer/subpixel translation per frame)")
     frames: str | None = Field(None, description="frame range START:END (END exclusive), e.g. 0:16")

@@ -6,7 +6,7 @@ sr8, restore:    input = low-res video (h, w)     -> cond = bicubic x8 (8h, 8w) 
 sr8, benchmark:  input = ground truth (H, W)      -> low-res = antialiased bicubic /8, cond = bicubic x8, truth
 sr4: the same with 4 (the x4 upscaler layout; its encode stage conditions on `input`, the low-res frame)
 inpaint, restore:   input + mask URL (white = hole) -> cond = input with holes, mask
-inpaint, benchmark: input = ground truth           -> masks generated from the seed, cond = masked truth, truth
+inpaint, benchmark: input = ground truth           -> holes of --mask, else generated from the seed; cond = masked truth, truth
 deblur / denoise, restore:   input = the degraded video -> cond = input (no mask)
 deblur / denoise, benchmark: input = ground truth -> cond = ops.operators.deblur / denoise of it (DEGRADATIONS, noise
                              drawn per frame from (seed, frame index), so chunking does not change it), truth
@@ -179,9 +179,9 @@ def compute(extracted: xr.Dataset, task_name: str, mode: str, seed: int, mask_ur
     if task_name == "inpaint":
         m = input_multiple(task_name, mode, multiple)
         ph, pw = -(-h // m) * m, -(-w // m) * m
-        if mode == "benchmark":  # one mask for every frame, from the seed
+        if mode == "benchmark" and not mask_url:  # one mask for every frame, from the seed
             holes = degrade.random_masks(torch.Generator().manual_seed(seed), 1, ph, pw)[:, 0].numpy()  # (1, H, W), 1 = hole
-        else:
+        else:  # the user's holes (benchmark: cut into the clean input, scored against it)
             holes = load_mask(mask_url, f, h, w, storage_options)
             holes = np.pad(holes, ((0, 0), (0, ph - h), (0, pw - w)), mode="edge")  # (F, H, W)
 

@@ -124,3 +124,32 @@ def test_odd_inpaint_restore_with_mask(tmp_path):
     known = mask == 0
     err = np.abs(restored[:, :145, :177].astype(float) - source.astype(float))[:, known].mean()
     assert err < 6  # known pixels are kept (up to the H.264 round trip)
+
+
+@pytest.mark.slow
+def test_benchmark_with_the_users_scratch_mask_scores_those_holes_against_telea(tmp_path):
+    """--mode benchmark --mask: the clean clip gets the user's holes (thin film scratches), the report scores the fill
+    of exactly those holes, next to OpenCV's Telea fill of the same holes (the input baseline)."""
+    import cv2
+    import torch
+
+    from ops.training import telea_inpaint
+
+    clip = write_clip(str(tmp_path / "odd.mp4"), 177, 145, 4)
+    mask = np.zeros((145, 177), np.uint8)
+    for x in (20, 71, 130):
+        mask[:, x:x + 3] = 255  # 3-px vertical scratches
+    cv2.circle(mask, (100, 40), 4, 255, -1)  # a speck of dust
+    cv2.imwrite(str(tmp_path / "scratches.png"), mask)
+    report = _run(clip, tmp_path, "--task", "inpaint", "--mode", "benchmark", "--mask", str(tmp_path / "scratches.png"),
+                  "--steps", "8")
+    _check_outputs(report, tmp_path, 177, 145, 4)
+    truth = torch.from_numpy(read_video(str(clip))[0]).permute(0, 3, 1, 2).double() / 255
+    holes = torch.from_numpy(mask > 0)[None, None].expand(4, 1, -1, -1)
+    masked = torch.where(holes, torch.full_like(truth, 0.5), truth)
+    telea = telea_inpaint(masked, holes.double()).double()
+    sq = (telea - truth)[holes.expand_as(truth)] ** 2
+    expected = float(10 * torch.log10(1 / sq.mean()))  # pooled over every hole pixel, as the report
+    assert report["input"]["name"].startswith("Telea")
+    assert report["input"]["hole_psnr"] == pytest.approx(expected, abs=0.3)  # these holes, not the seed's
+    assert report["hole_psnr"] >= report["input"]["hole_psnr"] - 1.0  # the model refines Telea's fill
