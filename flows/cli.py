@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_archive)
     p = sub.add_parser("experiment", help="reproduce a paper comparison as MLflow runs: shift-inpaint, video-sr, "
-                                          "guidance-sweep, or all (the sweep tunes, video-sr reports)")
+                                          "guidance-sweep, or all (the sweep tunes, video-sr reports); zero-shot; "
+                                          "real-clips (the shipped defaults on wide clips with film damage)")
     p.add_argument("name")
     p.add_argument("--input", default=None)
     p.add_argument("--frames", type=int, default=None)
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-images", default=None, help="comma-separated photographs of video-sr's clips (default coffee,motorcycle_right)")
     p.add_argument("--update-doc", default=None, help="write each table into this markdown file (e.g. EXPERIMENTS.md)")
     p.add_argument("--iterations", type=int, default=None, help="zero-shot: dflow / vipaint iterations (default: run's)")
-    p.add_argument("--size", type=int, default=None, help="side of the rendered report/tuning clips in pixels (default 256)")
+    p.add_argument("--size", type=int, default=None, help="side of the rendered report/tuning clips in pixels (default 256; "
+                                                                    "real-clips: the width, default 640)")
     p.add_argument("--work-root", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_experiment)

@@ -6,6 +6,11 @@
     shift-inpaint   (Table 2) a still photo translated by a known whole number of pixels per frame, inpainted with
                     a fixed mask; every method x {GP, white-noise} model; exact flow (`shift:DX,DY`)
     all             the three in that order (`make experiments`; `--update-doc EXPERIMENTS.md` writes the tables)
+    real-clips      what a user gets on ordinary footage: the shipped default models (storage.models.DEFAULT_MODELS)
+                    with the product's own settings on wide 640x272 clips of the report photographs, sr8, sr4 and
+                    inpaint of old-film damage (scratches that persist and wander, fresh dust every frame;
+                    ops.degrade.film_damage_masks, one mask video per seed), warped-diffusion and gp, next to the
+                    input (bicubic, bicubic + back-projection, Telea) (`make experiments-real`)
 
 Clips are storage/sample.py's pan + zoom over held-out photographs (scikit-image `rocket` to tune, `coffee` and
 `motorcycle_right` to report), so their exact motion is known; a photograph on any model card's training list is
@@ -44,7 +49,7 @@ from prefect import flow
 from flows.config import DEFAULT_WORK_ROOT, METHODS
 
 PAPER_EXPERIMENTS = ("shift-inpaint", "video-sr", "guidance-sweep")
-EXPERIMENTS = PAPER_EXPERIMENTS + ("zero-shot",)
+EXPERIMENTS = PAPER_EXPERIMENTS + ("zero-shot", "real-clips")
 ALL = "all"  # guidance-sweep (tunes on the tuning clip), then video-sr (reports on the report clips), then shift-inpaint
 SHIFT_PX = (8, 0)  # (dx, dy) pixels per frame of the shift-inpaint clip: one latent pixel
 SHIFT_SIZE = 128
@@ -70,6 +75,10 @@ VIDEO_SR_SPACE = "auto"
 PSNR_SLACK_DB = 0.5  # the sweep's pick may cost at most this much PSNR against lambda = 0 at the same steps/space
 INPUT_ROW = "input"  # rows of the input itself (prefix); TRUTH_ROW: the ground truth scored against the flows
 TRUTH_ROW = "truth (floor)"
+REAL_SIZE = (640, 272)  # real-clips: (width, height) of an ordinary wide frame, 272 not a multiple of the models' 32 px
+REAL_FRAMES = 16
+REAL_TASKS = ("sr8", "sr4", "inpaint")
+REAL_METHODS = ("warped-diffusion", "gp")
 CLIP_TAG = "restore_video.clip"
 ROLE_TAG = "restore_video.clip_role"
 
@@ -111,8 +120,9 @@ class Clip:
     role: str  # "tuning" | "report"
     kind: str = "pan"
     frames: int = CLIP_FRAMES
-    size: int = CLIP_SIZE
+    size: int = CLIP_SIZE  # width (and height, unless `height`)
     seed: int = 0
+    height: int | None = None
 
     def exact_forward(self, height: int, width: int):
         """The exact forward flows (F-1, H, W, 2) float64 of the rendered motion."""
@@ -125,7 +135,8 @@ class Clip:
             return fwd
         from storage.sample import sample_clip_affines, true_forward_flow
 
-        return torch.from_numpy(true_forward_flow(sample_clip_affines(self.frames, self.size, self.seed), height, width)).double()
+        affines = sample_clip_affines(self.frames, self.size, self.seed, self.height)
+        return torch.from_numpy(true_forward_flow(affines, height, width)).double()
 
 
 def _image_name(image: str) -> str:
@@ -177,18 +188,38 @@ def load_photo(image: str):
 
 
 def make_clip(image: str, role: str, work_root: str, frames: int = CLIP_FRAMES, size: int | None = None,
-              models_root=None) -> Clip:
-    """storage.sample's pan + zoom over a held-out photograph (refused if any card trained on it), lossless."""
+              models_root=None, height: int | None = None) -> Clip:
+    """storage.sample's pan + zoom over a held-out photograph (refused if any card trained on it), lossless;
+    size x size frames, or size wide and `height` high."""
     from storage.sample import make_sample_clip
 
     check_held_out(image, models_root)
     size = size or CLIP_SIZE
-    clip = Clip(path=f"{work_root.rstrip('/')}/experiments/clips/{_slug(_image_name(image))}_{size}_{frames}f.mkv",
-                image=_image_name(image), role=role, frames=frames, size=size)
+    shape = f"{size}x{height}" if height and height != size else f"{size}"
+    clip = Clip(path=f"{work_root.rstrip('/')}/experiments/clips/{_slug(_image_name(image))}_{shape}_{frames}f.mkv",
+                image=_image_name(image), role=role, frames=frames, size=size, height=height)
     if not os.path.exists(clip.path):
         os.makedirs(os.path.dirname(clip.path), exist_ok=True)
-        make_sample_clip(clip.path, frames, size, clip.seed, image=load_photo(image))
+        make_sample_clip(clip.path, frames, size, clip.seed, image=load_photo(image), height=height)
     return clip
+
+
+def make_damage_masks(clip: Clip, seeds) -> dict[int, str]:
+    """One old-film damage video per seed (ops.degrade.film_damage_masks, white = hole) at mask_path(clip, seed)."""
+    import numpy as np
+    import torch
+
+    from ops.degrade import film_damage_masks
+    from storage.video import write_video
+
+    height, width, out = clip.height or clip.size, clip.size, {}
+    for seed in seeds:
+        out[seed] = mask_path(clip.path, seed)
+        if not os.path.exists(out[seed]):
+            holes = film_damage_masks(torch.Generator().manual_seed(seed), clip.frames, height, width)  # (F, 1, H, W)
+            u8 = (holes[:, 0].numpy() * 255).astype(np.uint8)
+            write_video(out[seed], np.repeat(u8[..., None], 3, -1), 8, lossless=True)
+    return out
 
 
 @dataclass
@@ -263,7 +294,7 @@ def make_shift_clip(path: str, size: int = SHIFT_SIZE, frames: int = SHIFT_FRAME
 
 
 def mask_path(clip: str, seed: int) -> str:
-    """The hole video of `clip` for `seed` (shift-inpaint)."""
+    """The hole video of `clip` for `seed` (shift-inpaint, real-clips)."""
     return f"{os.path.splitext(clip)[0]}.mask{seed}.mkv"
 
 
@@ -343,6 +374,16 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
         if iterations is not None:
             base["iterations"] = iterations
         cells.extend(zero_shot_cells(lam))
+    elif name == "real-clips":  # the product as shipped: default models and settings
+        from flows.config import RestoreSettings
+        from storage.models import DEFAULT_MODELS
+
+        base["steps"] = steps or RestoreSettings.model_fields["steps"].default
+        lam = guidance if guidance is not None else RestoreSettings.model_fields["guidance"].default
+        for t in REAL_TASKS:
+            for method in REAL_METHODS:
+                cells.append((f"{t}/{method}", dict(task=t, method=method, model=DEFAULT_MODELS[t], flow_backend="dis",
+                                                    guidance=lam, guidance_space=space)))
     elif name == "video-sr":
         for method in METHODS:
             model = model_for(task, method, family=family)
@@ -362,7 +403,7 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
                 config = {**base, **cfg, "input": clip.path, "seed": seed,
                           "frames": f"0:{frames}" if frames and clip.kind == "video" else None,
                           "out": f"{out_root}/{_slug(clip.image)}/{_slug(row)}/seed{seed}"}
-                if name == "shift-inpaint":
+                if name == "shift-inpaint" or config.get("task") == "inpaint" and name == "real-clips":
                     config["mask"] = mask_path(clip.path, seed)
                 specs.append(RunSpec(row=row, config=config, clip=clip, tags={
                     "restore_video.row": row, "restore_video.experiment": name, "seed": seed,
@@ -391,6 +432,13 @@ def prepare_clips(name: str, input: str | None, work_root: str, frames: int | No
         return [Clip(path=input, image=_image_name(input), role="report", kind="video")]
     if name == "guidance-sweep":
         return [make_clip(tune_image, "tuning", work_root, frames or SWEEP_FRAMES, size, models_root=models_root)]
+    if name == "real-clips":  # size: the width; the height keeps REAL_SIZE's aspect
+        width = size or REAL_SIZE[0]
+        clips = [make_clip(image, "report", work_root, frames or REAL_FRAMES, width, models_root,
+                           height=round(width * REAL_SIZE[1] / REAL_SIZE[0])) for image in report_images]
+        for clip in clips:
+            make_damage_masks(clip, range(seeds))
+        return clips
     return [make_clip(image, "report", work_root, frames or CLIP_FRAMES, size, models_root=models_root) for image in report_images]
 
 

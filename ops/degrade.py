@@ -122,6 +122,38 @@ def random_masks(
     return (hits > 0).float().view(batch, 1, height, width)
 
 
+def film_damage_masks(generator: torch.Generator, frames: int, height: int, width: int, scratches: int = 6,
+                      dust: int = 8) -> torch.Tensor:
+    """Damage of an old film print over a shot, 1 = hole -> (F, 1, H, W): `scratches` near-vertical scratches 1-3 px
+    wide over the whole height that persist from frame to frame (a scratch is made once, along the print) while
+    wandering sideways by up to ~2 px and dropping out in ~10 % of frames, plus up to `dust` round dust spots of
+    radius 1-4 px drawn afresh in every frame. Geometry from `generator` (any device), rasterised on the CPU."""
+    if frames < 1 or height < 1 or width < 1 or scratches < 0 or dust < 0:
+        raise ValueError(f"film_damage_masks needs frames, height, width >= 1 and counts >= 0, got {frames}, {height}, "
+                         f"{width}, {scratches}, {dust}")
+
+    def u(*shape):
+        return torch.rand(*shape, generator=generator, device=generator.device).cpu()
+
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    lines = u(scratches, 5)  # per scratch: position, slant, half-width, wander phase, wander rate
+    x0 = (0.05 + 0.9 * lines[:, 0]) * width
+    slant, half = (lines[:, 1] - 0.5) * 0.02, 0.5 + lines[:, 2]
+    out = torch.zeros(frames, 1, height, width)
+    for f in range(frames):
+        m = torch.zeros(height, width, dtype=torch.bool)
+        shown = u(scratches) > 0.1
+        for k in range(scratches):
+            if shown[k]:
+                centre = x0[k] + slant[k] * ys[:, :1] + 2 * torch.sin(6.28 * lines[k, 3] + (0.2 + lines[k, 4]) * f)  # (H, 1)
+                m |= (xs - centre).abs() <= half[k]
+        spots = u(int(u(1) * (dust + 1)), 3)  # per spot: y, x, radius
+        for cy, cx, r in zip(spots[:, 0] * height, spots[:, 1] * width, 1 + 3 * spots[:, 2]):
+            m |= (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+        out[f, 0] = m.float()
+    return out
+
+
 def apply_mask(images: torch.Tensor, mask: torch.Tensor, fill: float = 0.5) -> torch.Tensor:
     """Masked input: holes (mask = 1) replaced by `fill` (0.5 = 0 in SD's [-1, 1] convention)."""
     _check_images("images", images)

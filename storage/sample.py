@@ -31,9 +31,12 @@ def _photo(size: int, image: np.ndarray | None = None) -> np.ndarray:
     return img
 
 
-def sample_clip_affines(frames: int = 16, size: int = 256, seed: int = 0) -> np.ndarray:
-    """Ground-truth affines (F, 2, 3): frame pixel (x, y, 1) -> photo pixel, pixel-index coords."""
+def sample_clip_affines(frames: int = 16, size: int = 256, seed: int = 0, height: int | None = None) -> np.ndarray:
+    """Ground-truth affines (F, 2, 3): frame pixel (x, y, 1) -> photo pixel, pixel-index coords. Frames are size x
+    size, or size wide and `height` high (the motion's scale follows the longer side)."""
     rng = np.random.default_rng(seed)
+    width, height = size, height or size
+    size = max(width, height)
     s_img = max(512, 2 * size)
     t = np.linspace(0.0, 1.0, frames)
     ease = 0.5 - 0.5 * np.cos(np.pi * t)  # smooth start/stop
@@ -44,23 +47,25 @@ def sample_clip_affines(frames: int = 16, size: int = 256, seed: int = 0) -> np.
     half = 1.3 * size / 2
     c0 = rng.uniform(half + travel / 2, s_img - half - travel / 2, size=2)
     centres = c0 + (ease - 0.5)[:, None] * travel * np.array([np.cos(angle), np.sin(angle)])  # (F, 2)
-    mid = (size - 1) / 2
+    mid = np.array([(width - 1) / 2, (height - 1) / 2])  # the frame's centre pixel follows `centres`
     A = np.zeros((frames, 2, 3))
     A[:, 0, 0] = A[:, 1, 1] = zoom
     A[:, :, 2] = centres - zoom[:, None] * mid
     return A  # (F, 2, 3)
 
 
-def render_sample_frames(frames: int = 16, size: int = 256, seed: int = 0, image: np.ndarray | None = None) -> np.ndarray:
-    """The clip's frames (F, size, size, 3) uint8, rendered with subpixel cubic warps (of `image`, see _photo)."""
-    img = _photo(size, image)
+def render_sample_frames(frames: int = 16, size: int = 256, seed: int = 0, image: np.ndarray | None = None,
+                         height: int | None = None) -> np.ndarray:
+    """The clip's frames (F, height or size, size, 3) uint8, rendered with subpixel cubic warps (of `image`, see
+    _photo)."""
+    img = _photo(max(size, height or size), image)
     img = cv2.GaussianBlur(img, (0, 0), 0.5)  # light prefilter against aliasing when zoomed out
     out = [
-        cv2.warpAffine(img, a, (size, size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+        cv2.warpAffine(img, a, (size, height or size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
                        borderMode=cv2.BORDER_REFLECT)
-        for a in sample_clip_affines(frames, size, seed)
+        for a in sample_clip_affines(frames, size, seed, height)
     ]
-    return np.stack(out)  # (F, size, size, 3)
+    return np.stack(out)  # (F, H, W, 3)
 
 
 def true_backward_flow(affines: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -90,9 +95,11 @@ def true_forward_flow(affines: np.ndarray, height: int, width: int) -> np.ndarra
 
 
 def make_sample_clip(path: str, frames: int = 16, size: int = 256, seed: int = 0, fps=8,
-                     lossless: bool = True, audio_from: str | None = None, image: np.ndarray | None = None) -> str:
-    """Write the sample clip (of `image`, default the bundled photograph) to path (lossless by default); returns path."""
-    return write_video(path, render_sample_frames(frames, size, seed, image), fps, audio_from=audio_from,
+                     lossless: bool = True, audio_from: str | None = None, image: np.ndarray | None = None,
+                     height: int | None = None) -> str:
+    """Write the sample clip (of `image`, default the bundled photograph; size x size, or size wide and `height`
+    high) to path (lossless by default); returns path."""
+    return write_video(path, render_sample_frames(frames, size, seed, image, height), fps, audio_from=audio_from,
                        lossless=lossless)
 
 

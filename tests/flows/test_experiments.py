@@ -478,3 +478,30 @@ def test_each_model_family_is_tuned_on_its_own(tmp_path):
         json.dump({"guidance": 0.5}, f)
     assert experiments.load_tuning(str(tmp_path), "res") == {"guidance": 0.5}
     assert experiments.load_tuning(str(tmp_path)) == {"guidance": 2.0}
+
+
+def test_real_clips_are_wide_held_out_pans_with_film_damage_and_run_the_shipped_defaults(tmp_path):
+    """real-clips: 640x272-shaped (here 80x34) pans of the report photographs, one damage mask video per seed; the
+    grid is tasks x (warped-diffusion, gp) x seeds with the product's default models, steps and lambda."""
+    from flows.config import RestoreSettings
+    from storage.models import DEFAULT_MODELS
+    from storage.video import read_video
+
+    clips = experiments.prepare_clips("real-clips", None, str(tmp_path), 3, 2, report_images=("coffee",), size=80)
+    [clip] = clips
+    frames, _ = read_video(clip.path)
+    assert frames.shape == (3, 34, 80, 3) and (clip.size, clip.height) == (80, 34)
+    masks = [read_video(experiments.mask_path(clip.path, s))[0] for s in (0, 1)]
+    assert all(m.shape == (3, 34, 80, 3) for m in masks) and not np.array_equal(masks[0], masks[1])
+    assert 0 < (masks[0] > 127).mean() < 0.2  # thin damage, not a blank frame
+    fwd = clip.exact_forward(34, 80)  # the wide clip's exact motion
+    assert fwd.shape == (2, 34, 80, 2) and fwd.abs().max() > 0.1
+    specs = experiments.experiment_grid("real-clips", clips, seeds=2, work_root=str(tmp_path))
+    assert len(specs) == len(experiments.REAL_TASKS) * len(experiments.REAL_METHODS) * 2
+    for s in specs:
+        task = s.config["task"]
+        assert s.config["model"] == DEFAULT_MODELS[task] and s.config["mode"] == "benchmark"
+        assert s.config["steps"] == RestoreSettings.model_fields["steps"].default
+        assert s.config["guidance"] == RestoreSettings.model_fields["guidance"].default
+        assert (s.config.get("mask") == experiments.mask_path(clip.path, s.config["seed"])) == (task == "inpaint")
+    assert {s.row for s in specs} == {f"{t}/{m}" for t in experiments.REAL_TASKS for m in experiments.REAL_METHODS}

@@ -358,3 +358,18 @@ def test_s3_artifacts_videos_and_names(s3_server, s3_bucket, sample_clip, tmp_pa
     _store_round_trip(store)
     write_json_atomic(f"{s3_bucket}/out/metrics.json", {"psnr": 31.0}, storage_options=opts)
     assert read_json(f"{s3_bucket}/out/metrics.json", storage_options=opts) == {"psnr": 31.0}
+
+
+def test_non_square_sample_clip_moves_as_its_affines_say():
+    """A 96x40 clip (wide, as film scans are): same camera model, its exact flow explains every frame pair."""
+    x = render_sample_frames(6, 96, seed=2, height=40)
+    assert x.shape == (6, 40, 96, 3)
+    flow = true_backward_flow(sample_clip_affines(6, 96, seed=2, height=40), 40, 96)  # (F, 40, 96, 2)
+    ys, xs = np.mgrid[0:40, 0:96].astype(np.float32)
+    inner = (slice(5, -5), slice(5, -5))
+    for j in (1, 5):
+        warped = cv2.remap(x[j - 1].astype(np.float32), xs + flow[j, ..., 0], ys + flow[j, ..., 1], cv2.INTER_CUBIC)
+        err_warp = np.abs(warped[inner] - x[j][inner]).mean()
+        err_static = np.abs(x[j - 1].astype(np.float32)[inner] - x[j][inner]).mean()
+        assert err_warp < 0.2 * err_static, (j, err_warp, err_static)
+    assert np.array_equal(render_sample_frames(3, 64, seed=0), render_sample_frames(3, 64, seed=0, height=64))
