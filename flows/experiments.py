@@ -550,24 +550,23 @@ def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) 
     import torch
 
     from ops import degrade
-    from ops.training import telea_inpaint
+    from tasks.metrics import input_frames
 
     prepared = outputs["prepared"]
     h, w = outputs["frames"].shape[1:3]
     truth = _float(outputs["truth"])  # (F, 3, Hp, Wp)
-    cond = _float(prepared["cond"].values)
+    given = input_frames(prepared, 0, truth.shape[0], *truth.shape[-2:])  # the metrics stage's input baseline
     rows = {}
     if "mask" in prepared:
-        mask = torch.from_numpy(prepared["mask"].values)[:, None].float()  # (F, 1, Hp, Wp)
-        rows[f"{INPUT_ROW}: Telea"] = telea_inpaint(cond.float(), mask).double()
+        rows[f"{INPUT_ROW}: Telea"] = given
         hole = prepared["mask"].values[:, :h, :w] > 0
     elif prepared.attrs.get("task") in ("deblur", "denoise"):
-        rows[f"{INPUT_ROW}: {'blurred' if prepared.attrs['task'] == 'deblur' else 'noisy'}"] = cond
+        rows[f"{INPUT_ROW}: {'blurred' if prepared.attrs['task'] == 'deblur' else 'noisy'}"] = given
         hole = None
     else:
         low = _float(prepared["input"].values)
-        scale = cond.shape[-1] // low.shape[-1]
-        rows[f"{INPUT_ROW}: bicubic ×{scale}"] = cond
+        scale = given.shape[-1] // low.shape[-1]
+        rows[f"{INPUT_ROW}: bicubic ×{scale}"] = given
         rows[f"{INPUT_ROW}: bicubic ×{scale} + back-projection"] = degrade.back_project(
             degrade.upsample(low.float(), scale), low.float(), scale).double()
         hole = None
