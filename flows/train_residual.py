@@ -1,6 +1,6 @@
 """train-residual: lapped latent + regression + residual diffusion models, trained on photographs (CPU-sized).
 
-    python -m flows.train_residual --stage ae|import|reg|diff|evalreg|save [--task sr8|sr4|inpaint] [--noise gp|white]
+    python -m flows.train_residual --stage ae|import|reg|diff|evalreg|tune|refine|save [--task sr8|sr4|inpaint] [--noise gp|white]
         [--steps N] [--time-limit S] [--ckpt-dir DIR] [--out assets/models] [--resume] [--from MODEL_DIR]
 
 Stages (each checkpointed to --ckpt-dir every --ckpt-every steps and at the end, and resumable with --resume):
