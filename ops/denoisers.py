@@ -311,6 +311,11 @@ class RestorationModel(nn.Module):
 
         return karras_sigmas(steps, self.sigma_min, self.sigma_max)
 
+    def refine(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel-space refinement of decoded frames (B, 3, H, W), applied after `decode` and before the data
+        consistency (tasks/decode.py): the identity unless the model carries a trained refiner (ops.residual)."""
+        return images
+
     def start(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The latents (B, C, h, w) sampling starts from, x_T = start + sigma_max noise; None: x_T = sigma_max noise
         (the usual full schedule). A residual model overrides it (ops.residual)."""

@@ -179,6 +179,19 @@ def cell_border_ratio(images: torch.Tensor, cell: int = 8) -> torch.Tensor:
     return border_ratio(cell_border_stats(images, cell))
 
 
+def phase_profile(images: torch.Tensor, cell: int = 8) -> torch.Tensor:
+    """Mean |horizontal + vertical pixel difference| at each of the `cell` offsets to the cell grid, over their mean
+    -> (cell,); entry p: the boundaries between pixels i and i+1 with (i + 1) % cell == p (p = 0: the cell borders
+    that `cell_border_ratio` measures). A photograph is flat (~1 at every p); a decoder with cell-periodic
+    structure is not, wherever in the cell its pattern lies."""
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean(dim=(0, 1, 2))  # (W-1,)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean(dim=(0, 1, 3))  # (H-1,)
+    px = torch.arange(1, images.shape[-1], device=images.device) % cell
+    py = torch.arange(1, images.shape[-2], device=images.device) % cell
+    prof = torch.stack([dx[px == p].mean() + dy[py == p].mean() for p in range(cell)])  # (cell,)
+    return prof / prof.mean().clamp_min(1e-12)
+
+
 def blockiness(frames: torch.Tensor, truth: torch.Tensor, cell: int = 8) -> torch.Tensor:
     """Block artefacts (issue 13's definition): cell_border_ratio of the restoration over that of the ground truth
     -> scalar, ~1 when no more blocky than the truth (a block-wise latent decoder gives > 1)."""

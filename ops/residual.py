@@ -51,6 +51,36 @@ class LatentRegressor(nn.Module):
         return self.tail(self.body(self.head(x)))
 
 
+class DecodeRefiner(nn.Module):
+    """Pixel-space refinement of a decoded frame that knows where the latent grid lies (identity at initialisation):
+
+        refine(x) = x + pixel_shuffle(N(pixel_unshuffle(x - 1/2, f)), f)        (B, 3, H, W) -> (B, 3, H, W)
+
+    N is a conv net at latent resolution over the f x f cells (3 f^2 channels), so every output pixel's correction
+    depends on its offset in the cell: what a translation-equivariant pixel filter cannot see, and what the lapped
+    decoder's cell-periodic structure in the diffusion samples needs (flows/train_residual.py --stage refine).
+    """
+
+    def __init__(self, factor: int, width: int = 64, blocks: int = 2):
+        super().__init__()
+        if factor < 1 or width < 1 or blocks < 0:
+            raise ValueError(f"factor and width must be >= 1 and blocks >= 0, got {factor}, {width}, {blocks}")
+        self.factor = int(factor)
+        c = 3 * self.factor * self.factor
+        self.head = nn.Conv2d(c, width, 3, padding=1, padding_mode="replicate")
+        self.body = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
+        self.tail = nn.Conv2d(width, c, 3, padding=1, padding_mode="replicate")
+        nn.init.zeros_(self.tail.weight)
+        nn.init.zeros_(self.tail.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % f or images.shape[-1] % f:
+            raise ValueError(f"images must be (B, 3, H, W) with H, W divisible by {f}, got {tuple(images.shape)}")
+        cells = F.pixel_unshuffle(images - 0.5, f)  # (B, 3 f^2, H/f, W/f)
+        return images + F.pixel_shuffle(self.tail(self.body(self.head(cells))), f)
+
+
 class ResidualDenoiser(nn.Module):
     """D(x, sigma, cond) = mu + D_r(x - mu, sigma, cond) with mu = cond[:, :C] (C = the latent's channels)."""
 
@@ -74,17 +104,26 @@ class ResidualRestorationModel(RestorationModel):
     mask: where in each cell the holes are). Measured on held-out views before Telea prefill: the regressor
     alone filled thin scratches at 22.7 dB hole PSNR against Telea's 30.7.
     `predict(degraded, mask)` -> mu (the regression-only restoration, in latent space).
+    `refine(images)`: the card's DecodeRefiner on decoded frames (card["refiner"]; sr8-res-*: removes the cell-periodic
+    structure the diffusion's samples get through the lapped synthesis functions), identity without one.
     """
 
     def __init__(self, autoencoder: nn.Module, regressor: LatentRegressor, denoiser: ResidualDenoiser | None,
                  task: str, noise: str | None = None, sigma_min: float = 0.002, sigma_max: float = 10.0,
-                 card: dict | None = None, model_id: str = ""):
+                 card: dict | None = None, model_id: str = "", refiner: DecodeRefiner | None = None):
         super().__init__(autoencoder, denoiser, task, noise, sigma_min, sigma_max, card, model_id)
         if task not in ("sr8", "sr4", "inpaint"):
             raise ValueError(f"a residual model restores 'sr8', 'sr4' or 'inpaint', got {task!r}")
         if task == "sr4" and not int(self.card.get("sr_factor") or 0) > 1:
             raise ValueError("an sr4 residual model's card needs sr_factor (the upscaling factor of its low-res input)")
         self.regressor = regressor
+        self.refiner = refiner
+
+    def refine(self, images: torch.Tensor) -> torch.Tensor:
+        """The DecodeRefiner (card["refiner"]) on decoded frames (B, 3, H, W), clamped to [0, 1]; identity without one."""
+        if self.refiner is None:
+            return images
+        return self.refiner(images.to(next(self.refiner.parameters()).dtype)).to(images.dtype).clamp(0, 1)
 
     def regressor_input(self, degraded: torch.Tensor, mask: torch.Tensor | None = None):
         """-> (regressor input (B, Cr, h, w), encoded degraded frame z_in (B, C, h, w))."""
@@ -147,5 +186,6 @@ def build_residual_model(card: dict, autoencoder: nn.Module, model_id: str = "")
     if a.get("unet"):
         unet = build_unet(in_channels=c + c + cr, out_channels=c, **a["unet"])
         den = ResidualDenoiser(EDMDenoiser(unet, sigma_data=float(a["sigma_data"]), time_scale=float(a["time_scale"])), c)
+    ref = DecodeRefiner(f, int(card["refiner"]["width"]), int(card["refiner"]["blocks"])) if card.get("refiner") else None
     return ResidualRestorationModel(autoencoder, reg, den, card["task"], card.get("noise"), card.get("sigma_min", 0.002),
-                                    card.get("sigma_max", 10.0), card=card, model_id=model_id)
+                                    card.get("sigma_max", 10.0), card=card, model_id=model_id, refiner=ref)

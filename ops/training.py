@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import degrade
 from .gp import gp_noise_torch
-from .metrics import blockiness, cell_border_ratio, mean_gradient, psnr  # noqa: F401  (one definition: ops.metrics)
+from .metrics import mean_gradient, psnr
 from .sampling import karras_sigmas, sample_euler
 
 

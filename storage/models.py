@@ -117,8 +117,8 @@ def save_model(model: RestorationModel, directory, card: dict) -> Path:
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    # Denoiser (and regressor) weights are stored in float16 (half the size; loaded back into float32 parameters).
-    state = {k: (v.detach().half() if k.startswith(("denoiser.", "regressor.")) and v.is_floating_point() else v.detach()).contiguous().cpu()
+    # Denoiser (and regressor, refiner) weights are stored in float16 (half the size; loaded back into float32 parameters).
+    state = {k: (v.detach().half() if k.startswith(("denoiser.", "regressor.", "refiner.")) and v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in model.state_dict().items()}
     tmp = d / (WEIGHTS + ".tmp")
     save_file(state, str(tmp))

@@ -1,7 +1,8 @@
 """Stage decode: clean latents -> restored frames (frame, y, x, rgb) uint8, cropped to the output size.
 
 Sizes: the latents cover the model-padded grid (Hp, Wp) (see tasks/encode.py); decoding crops them to the
-prepared frames' size (H, W), applies the data consistency there (sr8: back-projection onto the low-res input;
+prepared frames' size (H, W) after the model's pixel refinement (`model.refine`: identity unless the card has a
+trained refiner, applied on the model-padded grid the refiner's cells line up with), applies the data consistency there (sr8: back-projection onto the low-res input;
 inpainting: the known pixels pasted back), then crops to the output size (attrs height/width). Streamed: latents
 are read, decoded and written in batches.
 """
@@ -35,7 +36,7 @@ def produce(writer, latents, prepared, model_name: str, device: str = "cpu", dty
     for s in frame_slices(frames, batch):
         with torch.no_grad():
             z = torch.from_numpy(np.asarray(latents[s])).to(device)  # (B, C, h, w)
-            images = model.decode(z).clamp(0, 1).float().cpu()[:, :, :height, :width]  # (B, 3, H, W)
+            images = model.refine(model.decode(z)).clamp(0, 1).float().cpu()[:, :, :height, :width]  # (B, 3, H, W)
         if sr:  # output, downsampled, reproduces the input
             low = to_float(prepared["input"][s].values)  # (B, 3, H/s, W/s)
             images = degrade.back_project(images, low, height // low.shape[-2])
@@ -53,5 +54,5 @@ def _produce(store, call, writer) -> None:
 
 
 # args: model, dtype, device (not in the key)
-STAGE = Stage("decode", version="3",  # 2: sr8 back-projection onto the low-res input; 3: crops the model's padding, streamed
+STAGE = Stage("decode", version="4",  # 2: sr8 back-projection onto the low-res input; 3: crops the model's padding, streamed; 4: model.refine (pixel refiner) before back-projection
               inputs=("sample", "prepare"), identity=model_params, produce=_produce)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ops import training
+from ops import metrics, training
 from ops.autoencoders import PCAAutoencoder, fit_pca_autoencoder, image_patches
 from ops.lapped import LappedAutoencoder, fit_lapped, init_from_pca, sine_window
 from ops.residual import ResidualRestorationModel, build_residual_model
@@ -49,9 +49,9 @@ def test_fit_lapped_reduces_error_and_block_pattern():
     pca = fit_pca_autoencoder(image_patches(crops(0), 4), 6, factor=4)
     ae = init_from_pca(LappedAutoencoder(6, factor=4), pca.components, pca.mean)
     err = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(2))
-    before = training.cell_border_ratio(ae.decode(err, clamp=False), 4)
+    before = metrics.cell_border_ratio(ae.decode(err, clamp=False), 4)
     fit_lapped(ae, crops, 20, lr=3e-3, smooth=1e-2, generator=g)
-    after = training.cell_border_ratio(ae.decode(err * ae.scale.view(1, -1, 1, 1), clamp=False), 4)
+    after = metrics.cell_border_ratio(ae.decode(err * ae.scale.view(1, -1, 1, 1), clamp=False), 4)
     assert after < before
     z = ae.encode(crops(99))
     assert torch.allclose(z.std(dim=(0, 2, 3)), torch.ones(6), atol=0.5)  # whitened (on another batch)
@@ -60,8 +60,8 @@ def test_fit_lapped_reduces_error_and_block_pattern():
 def test_blockiness_sees_a_block_pattern():
     x = _images(1, 64)
     blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 8), scale_factor=8, mode="nearest")
-    assert training.blockiness(x, x) == pytest.approx(1.0)
-    assert training.blockiness(0.5 * x + 0.5 * blocks, x) > 1.5
+    assert metrics.blockiness(x, x) == pytest.approx(1.0)
+    assert metrics.blockiness(0.5 * x + 0.5 * blocks, x) > 1.5
 
 
 def _card(task, c=6, f=8):
@@ -256,3 +256,113 @@ def test_import_continues_the_same_task_and_initialises_another(tmp_path):
     _, diff4 = load_ckpt(ck / "sr4-white")
     assert reg4["step"] == 0 and reg4["init"]["from"] == "sr8-res-gp" and reg4["init"]["steps"] == 40
     assert diff4["step"] == 0 and diff4["sigma_data"] is None and diff4["init"]["noise"] == "gp"
+
+
+def _photo(size=128):
+    return store.eval_views(("coffee",), size)  # (2, 3, size, size): a photograph, no grid of its own
+
+
+def test_phase_profile_sees_cell_periodic_structure_anywhere_in_the_cell():
+    x = _photo()
+    assert torch.allclose(metrics.phase_profile(x), torch.ones(8), atol=0.1)  # a photograph: ~flat
+    ripple = torch.zeros(128)
+    ripple[3::8] = 0.05  # a step inside every cell, away from the borders
+    y = x + ripple.view(1, 1, 1, 128) + ripple.view(1, 1, 128, 1)
+    prof = metrics.phase_profile(y)
+    assert prof.argmax() in (3, 4) and prof.max() > 1.5  # offsets 3|4 (pixels 2-3 and 3-4)
+    assert metrics.blockiness(y, x) < 1.1  # the border ratio alone misses it
+
+
+def test_phase_loss_penalises_noise_blur_and_border_only_smoothing():
+    from flows.train_residual import phase_loss
+
+    truth = _photo()
+    g = torch.Generator().manual_seed(3)
+    flat = truth + 0.02 * torch.randn(truth.shape, generator=g)  # a flat profile at the reference's energy
+    base = phase_loss(flat, flat, truth, 8)
+    noisier = flat + 0.05 * torch.randn(truth.shape, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(flat, 3, 1, 1, count_include_pad=False)
+    borders = flat.clone()  # averaging the two pixels at every cell border: smooths the borders only
+    for i in range(8, 128, 8):
+        for dim in (-1, -2):
+            a, b = borders.narrow(dim, i - 1, 1), borders.narrow(dim, i, 1)
+            m = (a + b) / 2
+            a.copy_(m)
+            b.copy_(m)
+    for worse in (noisier, blurred, borders):
+        assert phase_loss(worse, flat, truth, 8) > base + 0.05
+
+
+def test_decode_refiner_starts_as_identity_and_sees_the_offset_in_the_cell(tmp_path):
+    from ops.residual import DecodeRefiner
+
+    ref = DecodeRefiner(8, width=8, blocks=1)
+    x = _images(2, 32)
+    assert torch.equal(ref(x), x)  # zero tail: identity at initialisation
+    with torch.no_grad():
+        ref.tail.bias.copy_(torch.linspace(-0.1, 0.1, 3 * 64))  # a correction per channel and offset in the cell
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    out = ref(flat) - flat
+    assert torch.allclose(out[..., :8, :8], out[..., 8:, 8:]) and out[..., :8, :8].std() > 0.01  # 8-periodic
+    with pytest.raises(ValueError, match="divisible by 8"):
+        ref(torch.rand(1, 3, 30, 32))
+    # Part of a residual model: built from the card, saved in float16 and loaded back; model.refine clamps.
+    card = {**_card("sr8"), "refiner": {"width": 8, "blocks": 1}}
+    model = store.build_model(card, "m")
+    model.refiner.load_state_dict(ref.state_dict())
+    store.save_model(model, tmp_path / "m", card)
+    back = store.load_own(tmp_path / "m")
+    assert torch.allclose(back.refine(x), (ref(x)).clamp(0, 1), atol=1e-3)
+    assert torch.equal(store.build_model(_card("sr8"), "m").refine(x), x)  # no refiner in the card: identity
+
+
+def test_shipped_sr8_refiner_removes_the_cell_pattern_and_keeps_the_input():
+    """On held-out pictures (sampled by the shipped sr8-res-gp, as the pipeline does): the refiner leaves no
+    cell-border excess where the unrefined decode had one, keeps the detail energy, and the restoration still
+    reproduces the low-res input after back-projection."""
+    from flows.train_residual import model_batch
+    from ops import degrade
+    from storage.train_data import SKIMAGE_TEST
+
+    model = store.load_model("sr8-res-gp")
+    assert model.refiner is not None
+    views = store.eval_views(SKIMAGE_TEST, 128)  # (6, 3, 128, 128): coffee, rocket, motorcycle_right
+    low = degrade.downsample(views, 8)
+    with torch.no_grad():
+        inp, _, _ = model_batch("sr8", views, torch.Generator().manual_seed(0))
+        cond = model.condition(inp)
+        noise = training.make_noise("gp", torch.Generator().manual_seed(1), (views.shape[0], model.latent_channels, 16, 16))
+        decoded = model.decode(training.sample(model, cond, noise, 16))
+        plain = degrade.back_project(decoded, low, 8)
+        refined = degrade.back_project(model.refine(decoded), low, 8)
+    before, after = float(metrics.blockiness(plain, views)), float(metrics.blockiness(refined, views))
+    assert before > 1.15 and after < 1.08 and after < before - 0.1  # measured: 1.21 -> 1.04
+    sharp = lambda img: float((training.mean_gradient(img) / training.mean_gradient(views)).mean())  # noqa: E731
+    assert sharp(refined) > 0.97 * sharp(plain)
+    lr_err = lambda img: float((degrade.downsample(img, 8) - low).pow(2).mean().sqrt())  # noqa: E731
+    assert lr_err(refined) < 1.5 * lr_err(plain) + 1e-3
+    assert float(training.psnr(refined, views).mean()) > float(training.psnr(plain, views).mean()) - 0.1
+
+
+def test_import_brings_the_refiner_trained_on_this_model_only(tmp_path):
+    from flows.train_residual import load_ckpt, stage_import
+
+    refiner = {"trained_on": "sr8-res-gp", "step": 30, "batch": 2, "crop": 16, "wall_time_s": 2.0, "lr": 5e-4,
+               "pool": 4, "sampler_steps": [8], "schedule": {"sigma_max": 0.1, "start": "regression"}, "loss": "L1"}
+    card = {**_card("sr8"), "refiner": {"width": 8, "blocks": 1}, "training": {
+        "autoencoder": {"steps": 5, "batch": 2, "crop": 16, "wall_time_s": 1.0, "eval": {}},
+        "regressor": {"step": 40, "batch": 2, "crop": 16, "wall_time_s": 3.0, "loss": "L1", "lr": 1e-3},
+        "diffusion": {"step": 70, "batch": 2, "crop": 16, "wall_time_s": 9.0, "lr": 5e-4, "sigma_data": 0.5},
+        "refiner": refiner}}
+    model = store.build_model(card, "m")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    store.save_model(model, tmp_path / "gp", card)
+    store.save_model(model, tmp_path / "white", {**card, "noise": "white", "name": "sr8-res-white"})
+    stage_import(tmp_path / "gp", "sr8", "gp", tmp_path / "ck")
+    tensors, state = load_ckpt(tmp_path / "ck" / "sr8-gp-refine")
+    assert state["step"] == 30 and state["width"] == 8 and state["blocks"] == 1 and state["noise"] == "gp"
+    assert torch.equal(tensors["ema.tail.bias"], model.refiner.tail.bias.detach().half().float())
+    stage_import(tmp_path / "white", "sr8", "white", tmp_path / "ck")  # borrowed from its GP twin: not its own
+    assert load_ckpt(tmp_path / "ck" / "sr8-white-refine")[1] is None
