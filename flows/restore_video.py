@@ -69,7 +69,7 @@ def stage_args(cfg: RestoreConfig, p: Plan, tile: int | None = None, window: int
                    "device": cfg.device, "executor": cfg.executor},
         "decode": {"model": cfg.model_name, "dtype": cfg.dtype, "device": cfg.device},
         "metrics": {},
-        "outputs": {"out": cfg.out, "input": cfg.input, "first_frame": cfg.frame_range[0]},
+        "outputs": {"out": cfg.out, "input": cfg.input, "first_frame": cfg.frame_range[0], "chroma": cfg.chroma},
     }
     if p.zero_shot:  # zero-shot solvers read their measurement from the prepare artifact: no conditioning latents
         args["sample"].update(solver=cfg.solver_params(), task=cfg.task, seed=cfg.seed)

@@ -277,7 +277,7 @@ def _container_kind(path: str) -> str:
     return kind
 
 
-def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options):
+def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options, chroma="420"):
     """Configure the video encoder; returns (stream, pad_h, pad_w)."""
     if lossless:
         codec, opts = ("ffv1", {}) if kind in ("mkv", "avi") else ("libx264rgb", {"qp": "0", "preset": "veryfast"})
@@ -289,8 +289,10 @@ def _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options):
         opts = {"crf": str(crf), "preset": "medium"} if codec.startswith("libx26") else {}
         if codec == "libvpx-vp9":
             opts = {"crf": str(max(crf, 15)), "b": "0", "deadline": "realtime", "cpu-used": "8"}
-        pix = "yuv420p"
-        pad_h, pad_w = h % 2, w % 2  # 4:2:0 needs even sizes
+        if chroma not in ("420", "444"):
+            raise ValueError(f"chroma must be '420' or '444', got {chroma!r}")
+        pix = f"yuv{chroma}p"
+        pad_h, pad_w = (h % 2, w % 2) if chroma == "420" else (0, 0)  # 4:2:0 needs even sizes
     s = out.add_stream(codec, rate=rate)
     s.width, s.height, s.pix_fmt = w + pad_w, h + pad_h, pix
     s.time_base = 1 / rate
@@ -369,7 +371,7 @@ def _time_base(rate: Fraction, times) -> Fraction:
 
 
 def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options,
-                  times=None, audio_start=0.0):
+                  times=None, audio_start=0.0, chroma="420"):
     """Encode into a local file path (not atomic by itself)."""
     kind = _container_kind(path)
     first, it = _frames_iter(frames)
@@ -379,7 +381,7 @@ def _encode_local(path, frames, rate, audio_from, lossless, codec, crf, storage_
     tb = _time_base(rate, times)
     try:
         with av.open(path, mode="w", options=opts) as out:
-            vs, pad_h, pad_w = _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options)
+            vs, pad_h, pad_w = _add_video_stream(out, kind, rate, h, w, lossless, codec, crf, options, chroma)
             vs.time_base = tb
             vs.codec_context.time_base = tb
             if times is not None and n_frames and len(times) > 1:  # last frame shown for the mean interval
@@ -421,10 +423,12 @@ def write_video(
     times=None,
     audio_start: float = 0.0,
     n_frames: int | None = None,
+    chroma: str = "420",
 ) -> str:
     """Encode uint8 RGB frames (F, H, W, 3) (or an iterable of (H, W, 3)) atomically; returns the URL.
 
-    Lossy: H.264 yuv420p (odd sizes padded by one edge row/column to even).
+    Lossy: H.264 yuv420p (odd sizes padded by one edge row/column to even), or yuv444p with chroma="444" (no
+    padding, full colour resolution; the High 4:4:4 profile, which some browsers and phones do not play).
     Lossless: libx264rgb qp 0 (.mp4/.mov) or ffv1 (.mkv/.avi), bit-exact RGB.
     audio_from: a media URL whose first audio stream is copied (re-encoded if the container
     cannot hold it), trimmed to the video's duration.
@@ -454,7 +458,7 @@ def write_video(
     tmp = os.path.join(d, f".{base}.tmp-{uuid.uuid4().hex[:12]}{ext}")
     try:
         _encode_local(tmp, frames, rate, audio_from, lossless, codec, crf, storage_options, n_frames, options, times,
-                      audio_start)
+                      audio_start, chroma)
         if local:
             os.replace(tmp, dest)
         else:

@@ -83,16 +83,17 @@ def _comparison_chunks(restored, prepared: xr.Dataset) -> Iterator[np.ndarray]:
 
 
 def write_outputs(out: str, restored, prepared: xr.Dataset, fps: float, audio_from: str | None, per_frame: dict, storage_options=None,
-                  times=None, audio_start: float = 0.0) -> dict:
+                  times=None, audio_start: float = 0.0, *, chroma: str) -> dict:
     """Publish the videos and the plot atomically; returns every output URL (metrics.json is written last by the flow).
 
     restored: (frame, y, x, rgb) uint8, lazy (zarr/dask) or numpy; the videos are encoded as chunks of frames are
     read. times: per-frame presentation times (s, first 0) to keep a variable frame rate; audio_start: where the
-    first frame sits on audio_from's clock, so a frame range keeps its own audio segment."""
+    first frame sits on audio_from's clock, so a frame range keeps its own audio segment. chroma: restored.mp4's
+    colour sampling (RunOptions.chroma); comparison.mp4 is 4:2:0 (a preview that plays anywhere)."""
     urls = {name: f"{out.rstrip('/')}/{name}" for name in ("restored.mp4", "comparison.mp4", "warping_error.png", "metrics.json")}
     n = int(restored.shape[0])
     write_video(urls["restored.mp4"], stored_frames(restored), fps, audio_from=audio_from, storage_options=storage_options,
-                times=times, audio_start=audio_start, n_frames=n)
+                times=times, audio_start=audio_start, n_frames=n, chroma=chroma)
     write_video(urls["comparison.mp4"], _comparison_chunks(restored, prepared), fps, storage_options=storage_options,
                 times=times, n_frames=n)
     write_bytes_atomic(urls["warping_error.png"], warping_error_plot(per_frame), storage_options=storage_options)
@@ -111,11 +112,12 @@ def _run(store, call) -> dict:
     opts = store.storage_options
     times, start_s = source_times(a["input"], a["first_frame"], frames, fps, opts)
     audio = a["input"] if extracted.attrs.get("info_has_audio") else None
-    urls = write_outputs(a["out"], restored["frames"], prepared, fps, audio, per_frame, opts, times=times, audio_start=start_s)
+    urls = write_outputs(a["out"], restored["frames"], prepared, fps, audio, per_frame, opts, times=times, audio_start=start_s,
+                         chroma=a["chroma"])
     return {"urls": urls}
 
 
-# args: out (URL of the output folder), input (the source: its audio and frame times), first_frame
+# args: out (URL of the output folder), input (the source: its audio and frame times), first_frame, chroma
 STAGE = Stage("outputs", version="1", inputs=("decode", "prepare", "extract_frames", "metrics"),
               identity=lambda a, _: {"out": a["out"]}, delegate=_run, artifact=False,
               prefect_cache="NO_CACHE: the videos go to the user's --out, outside the content-addressed store, where they may "

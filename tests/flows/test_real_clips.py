@@ -27,7 +27,7 @@ def _check_outputs(report, tmp_path, width, height, frames):
     assert report["frames"] == frames
     info = probe_video(str(tmp_path / "out" / "restored.mp4"))
     assert info.frames == frames
-    assert (info.width, info.height) == (width + width % 2, height + height % 2)  # 4:2:0 pads odd sizes by one
+    assert (info.width, info.height) == (width, height)  # 4:4:4 (the default chroma): odd sizes are kept exactly
     assert all(np.isfinite(v) for v in report["warping_error"].values())
     restored, _ = read_video(str(tmp_path / "out" / "restored.mp4"))
     assert restored[:, :height, :width].std() > 5  # a picture, not a flat frame

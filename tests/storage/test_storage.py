@@ -373,3 +373,26 @@ def test_non_square_sample_clip_moves_as_its_affines_say():
         err_static = np.abs(x[j - 1].astype(np.float32)[inner] - x[j][inner]).mean()
         assert err_warp < 0.2 * err_static, (j, err_warp, err_static)
     assert np.array_equal(render_sample_frames(3, 64, seed=0), render_sample_frames(3, 64, seed=0, height=64))
+
+
+def test_chroma_444_keeps_odd_sizes_and_full_colour(tmp_path):
+    """restored.mp4's default (RunOptions.chroma = 444): no padding of odd sizes, no 4:2:0 colour blur and its 8-px
+    block structure; 420 for players that need it."""
+    import torch
+
+    from ops.metrics import blockiness, psnr
+
+    x = render_sample_frames(6, 64, seed=0)[:, :47, :63]  # odd size
+    out = {}
+    for chroma in ("444", "420"):
+        path = write_video(str(tmp_path / f"{chroma}.mp4"), x, 8, chroma=chroma)
+        with av.open(path) as c:
+            assert c.streams.video[0].codec_context.pix_fmt == f"yuv{chroma}p"
+        y, _ = read_video(path)
+        out[chroma] = torch.from_numpy(y[:, :47, :63]).permute(0, 3, 1, 2).double() / 255
+        assert y.shape[1:3] == ((47, 63) if chroma == "444" else (48, 64))
+    truth = torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255
+    assert float(psnr(out["444"], truth).mean()) > float(psnr(out["420"], truth).mean()) + 1.0
+    assert float(blockiness(out["444"], truth)) < float(blockiness(out["420"], truth))
+    with pytest.raises(ValueError, match="chroma"):
+        write_video(str(tmp_path / "bad.mp4"), x, 8, chroma="422")
