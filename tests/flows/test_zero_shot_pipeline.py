@@ -92,9 +92,16 @@ def test_sample_key_changes_with_solver_params():
         return STAGE.call(args, {"generate_noise": "n", "prepare": "p", "estimate_flow": "f"}).key
 
     keys = {key(solver="dflow"), key(solver="dflow", source="video"), key(solver="dflow", iterations=3),
-            key(solver="dmplug"), key(solver="dps"), key(solver="dps", zeta=0.5), key(solver="dflow", lr=0.1)}
-    assert len(keys) == 7
+            key(solver="dmplug"), key(solver="dps"), key(solver="dps", zeta=0.5), key(solver="dflow", lr=0.1),
+            key(solver="dflow", source="video", coupling=0.5), key(solver="dflow", source="video", residual=0.5)}
+    assert len(keys) == 9
     assert key(solver="dflow") == key(solver="dflow")
+    # the video terms' defaults are spelled out in the key, and per-frame keys do not carry them at all
+    from ops.solvers import INIT_BLEND, VIDEO_DEFAULTS
+
+    assert key(solver="dflow", source="video") == key(solver="dflow", source="video", **VIDEO_DEFAULTS)
+    assert RestoreConfig(input="x.mp4", task="deblur", solver="dflow").solver_params() == {
+        "solver": "dflow", "source": "frame", "iterations": 20, "init": INIT_BLEND}
     assert key(solver="dps", iterations=5) == key(solver="dps")  # dps has no iterations: not in its key
 
 
@@ -106,6 +113,8 @@ def test_sample_key_changes_with_solver_params():
     ({"task": "sr8", "source": "video"}, "--source video"),
     ({"task": "deblur", "solver": "dflow", "mask": "m.png"}, "--mask"),
     ({"task": "deblur", "solver": "dflow", "iterations": 0}, "iterations"),
+    ({"task": "deblur", "solver": "dflow", "coupling": 1.0}, "add --source video"),
+    ({"task": "deblur", "solver": "dflow", "source": "video", "residual": -1.0}, "residual"),
 ])
 def test_bad_solver_combinations_are_clear_errors(kwargs, words):
     from pydantic import ValidationError

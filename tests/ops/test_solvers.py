@@ -362,3 +362,90 @@ def test_dflow_start_blends_and_keeps_video_sources_consistent_under_integer_shi
     assert solvers.blend_source(a, b, 0.3).var().item() == pytest.approx(1.0, abs=0.03)
     with pytest.raises(ValueError, match="alpha"):
         solvers.blend_source(a, b, 1.5)
+
+
+# ---- video-level D-Flow: temporal coupling along the flow, residual sources around the warped GP field ----
+
+
+def test_temporal_coupling_is_zero_along_the_flow_and_pulls_frames_together():
+    f, c, h, w = 4, 2, 8, 8
+    fwd, _, valid = _video(f, c, h, w, dx=1.0)  # frame t's pixel x + 1 shows what frame t-1 shows at x
+    base = torch.randn(c, h, w + f, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    clip = torch.stack([base[..., f - t : f - t + w] for t in range(f)])  # content moving +1 px per frame
+    assert float(solvers.temporal_coupling(clip, fwd, valid)) < 1e-20
+    assert float(solvers.temporal_coupling(clip, torch.zeros_like(fwd), valid)) > 1.0  # the wrong flow: it disagrees
+    # two frames that disagree: a gradient step on the coupling moves both towards each other
+    pair = torch.randn(2, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    still = torch.zeros(1, h, w, 2, dtype=torch.float64)
+    loss = solvers.temporal_coupling(pair, still)
+    (grad,) = torch.autograd.grad(loss, pair)
+    assert torch.allclose(grad[0], -grad[1]) and loss.item() == pytest.approx(float((pair[1] - pair[0]).pow(2).sum()))
+    moved = (pair - 0.25 * grad).detach()
+    assert torch.allclose(moved[0], moved[1])  # step 1/4 of the gradient 2 (a - b) meets in the middle
+    with pytest.raises(ValueError, match="forward"):
+        solvers.temporal_coupling(pair, torch.zeros(2, h, w, 2, dtype=torch.float64))
+
+
+def test_residual_source_packs_splits_and_starts_at_the_given_noise():
+    f, c, h, w = 3, 2, 8, 8
+    _, bwd, _ = _video(f, c, h, w, dx=1.0)
+    features = gp.draw_rff(np.random.default_rng(0), c, max(h, w), num_features=64)
+    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    source = solvers.ResidualSource(field)
+    noise = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = source.start(w0, noise)
+    assert params.shape == (c * 64 + f * c * h * w,)
+    weights, residual = source.split(params)
+    assert torch.equal(weights, w0) and torch.allclose(residual, noise - field(w0))
+    assert torch.allclose(source(params), noise, atol=1e-12)
+    zero = source.pack(w0, torch.zeros(f, c, h, w, dtype=torch.float64))
+    assert torch.equal(source(zero), field(w0))  # no residual: the consistent field itself
+    with pytest.raises(ValueError, match="residual"):
+        source.pack(w0, noise[:2])
+
+
+def test_video_objective_without_terms_is_per_frame_dflow_and_checks_its_weights():
+    keep, y, *_, noise, op = _masked_problem(3, c=2)
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    kw = dict(iterations=5, optimizer="adam", lr=0.1)
+    plain, hist = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, **kw)
+    same, hist_same = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, penalty=solvers.video_objective(), **kw)
+    assert torch.equal(plain, same) and hist["loss"] == hist_same["loss"] and hist_same["penalty"] == [0.0] * 5
+    for bad, match in ((dict(coupling=-1.0), "coupling"), (dict(coupling=1.0), "forward flows"),
+                       (dict(residual=1.0), "ResidualSource"), (dict(residual=math.inf), "residual"),
+                       (dict(reg="l1", reg_weight=1.0), "regularizer")):
+        with pytest.raises(ValueError, match=match):
+            solvers.video_objective(**bad)
+
+
+def test_video_dflow_shares_what_the_flow_says_is_shared():
+    """Content moving 1 px per frame, each frame measured with its own noise: per-frame D-Flow fits every frame's
+    noise; the coupled objective makes the outputs agree along the flow and, averaging the noise, lands closer to
+    the truth; a large residual weight keeps the sources on the consistent GP field."""
+    f, c, h, w = 4, 1, 8, 8
+    fwd, bwd, valid = _video(f, c, h, w, dx=1.0)
+    base = MU + S * torch.randn(c, h, w + f, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    truth = torch.stack([base[..., f - t : f - t + w] for t in range(f)])  # (F, C, h, w)
+    y = truth + 0.2 * torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    op = lambda v, j: v
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    features = gp.draw_rff(np.random.default_rng(2), c, max(h, w), num_features=128)
+    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    source = solvers.ResidualSource(field)
+    kw = dict(iterations=60, optimizer="adam", lr=0.1)
+    noise = torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))  # one start
+    start = source.start(w0, noise)
+    x_frame, _ = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, **kw)
+    x_video, hist = solvers.dflow(gaussian_denoiser, start, sigmas, y, op, source=source,
+                                  penalty=solvers.video_objective(3.0, fwd, valid), **kw)
+    coupled = [float(solvers.temporal_coupling(x, fwd, valid)) for x in (x_frame, x_video)]
+    assert coupled[1] < 0.2 * coupled[0]
+    assert float((x_video - truth).pow(2).mean()) < 0.8 * float((x_frame - truth).pow(2).mean())
+    assert hist["penalty"][-1] < hist["penalty"][0]
+    tied = dict(source=source, penalty=solvers.video_objective(residual=1e4, source=source), iterations=60,
+                optimizer="adam", lr=0.02)
+    _, hist_tied = solvers.dflow(gaussian_denoiser, source.start(w0, field(w0)), sigmas, y, op, **tied)
+    assert hist_tied["data"][-1] < 0.7 * hist_tied["data"][0]  # the field's weights still fit the data ...
+    z = source(hist_tied["z"])
+    shift = (z[1:, ..., 1:] - z[:-1, ..., :-1]).abs().max()  # ... and the sources stay one field moving with the content
+    assert shift < 0.05 * z.abs().max()
