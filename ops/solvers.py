@@ -22,8 +22,17 @@ Solvers:
   D-Flow's negative log-likelihood of ||z|| under the chi distribution, 'gaussian' is ||z||^2 / 2 (MAP).
   DMPlug's early stopping (ES-WMV) stops when the running variance of the iterates over a window has not
   decreased for `patience` iterations and returns the iterate where it was lowest. `source` maps the optimised
-  parameters to the noise: identity (per-frame sources) or `video_source` (the RFF weights of one GP shared by
-  all frames, evaluated at their flow-chained positions: the sources stay consistent by construction).
+  parameters to the noise: identity (per-frame sources), `video_source` (the RFF weights of one GP shared by
+  all frames, evaluated at their flow-chained positions: the sources stay consistent by construction) or
+  `ResidualSource` (that field at fixed weights plus a residual per frame).
+  Video-level D-Flow (`video_objective`, the pipeline's `--source video`) optimises all frames jointly:
+  sum_t ||y_t - A(x_t)||^2 + gamma sum_t ||M_t (x_t o (id + G_t) - x_{t-1})||^2 + beta/2 sum_t ||delta_t||^2
+  + w_chi sum_t chi(z_t), x = R(z), z_t = source(w)_t + delta_t: the data term of D-Flow; a temporal coupling
+  along the flow G_t (t-1 -> t, masks M_t; the self-guidance's and the warping error's map, Warped Diffusion,
+  Daras et al. 2024), the video prior the per-frame objective lacks; a pull of every source towards the warped GP
+  field that is consistent by construction, which a frame leaves only where its measurement pays for it; and
+  D-Flow's chi prior, so the sources stay plausible noise. Shared GP weights alone (beta -> inf) cannot fit every
+  frame under sub-latent-pixel motion (EXPERIMENTS.md, zero-shot), hence the residuals.
   Self-guidance is not differentiated through (its own gradient would need second-order autograd): the
   optimisation runs the unguided R, and the final sample from the optimised source runs with guidance.
   The start (`dflow_start`, D-Flow Sec. 4): R^-1 of the encoded back-projection of y (`invert`, the ODE run
@@ -335,38 +344,36 @@ def video_source(features: gp.RFFeatures, positions: torch.Tensor, dtype=torch.f
 
 @dataclass(frozen=True)
 class ResidualSource:
-    """Every frame's source as the shared warped GP field plus its own residual: z_t = source(w)_t + delta_t.
+    """Every frame's source as the warped GP field plus its own residual: z_t = source(w)_t + delta_t.
 
-    The parameters are one flat vector [w (C, J), delta (F, C, h, w)] (so any optimiser and the early stopping see
-    one tensor); `split` gives (w, delta), `pack` the inverse. With the residual penalty of `video_objective`
+    The field's weights w (C, J) are fixed (the MAP fit of D-Flow's start, `VideoSource.fit`); the optimised
+    parameters are the residuals delta (F, C, h, w). With the residual penalty of `video_objective`
     (beta / 2 |delta|^2) a frame is free to fit its own measurement but pays for departing from the field that is
-    consistent under the flow by construction (Warped Diffusion, Daras et al. 2024); beta -> inf is D-Flow over the
-    GP weights alone (the earlier `--source video`), beta = 0 per-frame D-Flow (Ben-Hamu et al. 2024).
+    consistent under the flow by construction (Warped Diffusion, Daras et al. 2024); beta = 0 (and no other term)
+    is per-frame D-Flow exactly (Ben-Hamu et al. 2024): Adam's iterates do not depend on the constant offset.
+    Optimising w as well lets Adam move every frame's source through the shared weights at every step (its steps
+    are lr-sized whatever the gradient), which cost ~0.8 dB on the tuning clip.
     """
 
     field: VideoSource
+    weights: torch.Tensor  # (C, J)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return self.field.shape
 
-    def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, c, h, w = self.shape
-        n = c * self.field.features.num_features
-        return params[:n].view(c, -1), params[n:].view(f, c, h, w)  # (C, J), (F, C, h, w)
-
-    def pack(self, weights: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        check_shape("residual", residual, self.shape, "(the source's frames, channels, h, w)")
-        return torch.cat([weights.flatten(), residual.to(weights).flatten()])
-
-    def start(self, weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The parameters whose source is exactly `noise` (F, C, h, w): w = weights, delta = noise - source(w)."""
+    def base(self) -> torch.Tensor:
+        """The consistent field source(w) (F, C, h, w)."""
         with torch.no_grad():
-            return self.pack(weights, noise - self.field(weights).to(noise))
+            return self.field(self.weights)
 
-    def __call__(self, params: torch.Tensor) -> torch.Tensor:
-        weights, residual = self.split(params)
-        return self.field(weights).to(residual) + residual  # (F, C, h, w)
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The residuals whose source is exactly `noise` (F, C, h, w): delta = noise - source(w)."""
+        check_shape("noise", noise, self.shape, "(the source's frames, channels, h, w)")
+        return noise.detach() - self.base().to(noise)
+
+    def __call__(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.base().to(residual) + residual  # (F, C, h, w)
 
 
 def temporal_coupling(frames: torch.Tensor, forward: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -392,7 +399,7 @@ def video_objective(coupling: float = 0.0, forward: torch.Tensor | None = None, 
       + reg_weight * regularizer(reg, noise)                        every frame's source stays plausible noise
 
     decode: latents -> frames on forward's grid (pixel-space coupling; None: latent space, latent flows). The
-    residual term needs `source` (a ResidualSource: params = [w, delta]). coupling = residual = reg_weight = 0 is
+    residual term needs `source` (a ResidualSource: params = delta). coupling = residual = reg_weight = 0 is
     per-frame D-Flow's objective.
     """
     for name, value in (("coupling", coupling), ("residual", residual), ("reg_weight", reg_weight)):
@@ -401,7 +408,7 @@ def video_objective(coupling: float = 0.0, forward: torch.Tensor | None = None, 
     if coupling and forward is None:
         raise ValueError("coupling > 0 needs the forward flows (F-1, H, W, 2) of the frames it compares")
     if residual and source is None:
-        raise ValueError("the residual penalty needs a ResidualSource (params = [GP weights, per-frame residual])")
+        raise ValueError("the residual penalty needs a ResidualSource (params = the per-frame residuals)")
     if reg is not None:
         check_choice("regularizer", reg, REGULARIZERS)
 
@@ -410,7 +417,7 @@ def video_objective(coupling: float = 0.0, forward: torch.Tensor | None = None, 
         if coupling:
             out = out + coupling * temporal_coupling(decode(x0) if decode is not None else x0, forward, valid)
         if residual:
-            out = out + residual / 2 * source.split(params)[1].pow(2).sum()
+            out = out + residual / 2 * params.pow(2).sum()
         if reg is not None and reg_weight:
             out = out + reg_weight * regularizer(reg, noise)
         return out
@@ -434,7 +441,7 @@ def dflow(
     R(source(z))), then R from the optimum.
 
     z: the initial parameters, the noise (F, C, h, w) itself when source is None, RFF weights (C, J) with a
-    `video_source`, or [weights, residuals] with a `ResidualSource`. penalty: the video-level terms
+    `video_source`, or the residuals (F, C, h, w) with a `ResidualSource`. penalty: the video-level terms
     (`video_objective`; all frames are optimised jointly, so it may couple them). patience: DMPlug's early stopping
     (None = run all iterations). Returns (latents, {'loss', 'data', 'penalty', 'variance' per iteration,
     'iterations' run, 'best' iteration, 'z' the optimised parameters}).
@@ -614,11 +621,11 @@ def vipaint(
 DFLOW_DEFAULTS = {"optimizer": "adam", "lr": 0.05}
 INIT_BLEND = 0.9
 # --source video (`video_objective` with a ResidualSource, pixel-space coupling): coupling gamma, residual beta and
-# the chi regulariser's weight on the sources, picked on the tuning clip (rocket, deblur, 8 frames of 128^2, 10 steps,
-# 15 iterations, seeds 0-2; EXPERIMENTS.md zero-shot): against per-frame D-Flow gamma 3 / beta 3 halved the warping
-# error for -0.2 dB, and the chi term (0.3) took back part of the blur the residual penalty brings (grad ratio 0.72 ->
-# 0.81; per-frame 0.88).
-VIDEO_DEFAULTS = {"coupling": 3.0, "residual": 3.0, "source_reg": 0.3}
+# the chi regulariser's weight on the sources, picked on the tuning clip (rocket, deblur, 8 frames of 128^2; EXPERIMENTS.md
+# zero-shot). gamma 3 against per-frame D-Flow: 10 steps / 15 iterations (seeds 0-2) +0.08 dB, warping error 0.59x;
+# the CLI's 50 steps / 20 iterations -0.39 dB, 0.78x; gamma 10 cost 1.7 dB there. The residual penalty (beta 3) and
+# the chi term (0.3) lowered PSNR by a further 1.2 dB at 50 steps (the MAP field is smoother than noise): off.
+VIDEO_DEFAULTS = {"coupling": 3.0, "residual": 0.0, "source_reg": 0.0}
 # DMPlug = D-Flow's source optimisation with Adam and ES-WMV early stopping (our defaults, not the paper's tuning).
 DMPLUG_DEFAULTS = {"optimizer": "adam", "lr": 0.01, "patience": 10, "window": 5}
 

@@ -186,8 +186,8 @@ class SamplerWorker:
         starts D-Flow from the inverted back-projection (the prepare stage's cond) blended with the stored noise
         (ops.solvers.dflow_start). source "video" (dflow / dmplug) optimises all frames jointly
         (ops.solvers.video_objective): the same start, written as the noise stage's own GP draw (the same seed, so
-        source(w0) is the stored gp noise) at the flow's chained latent positions, its weights moved to the MAP fit
-        of the same inversion, plus per-frame residuals (ops.solvers.ResidualSource); the objective adds the
+        source(w0) is the stored gp noise) at the flow's chained latent positions, its weights fixed at the MAP fit
+        of the same inversion, plus optimised per-frame residuals (ops.solvers.ResidualSource); the objective adds the
         pixel-space temporal coupling along the estimated flow, the residual penalty and the chi regulariser.
         guidance > 0: self-guidance in latent space.
         Per-iteration / per-step losses go into the artifact as `history_<name>` arrays."""
@@ -236,8 +236,8 @@ class SamplerWorker:
                     if field is not None:  # the field starts from the MAP weights of the same inversion
                         weights = solvers.dflow_start(denoiser, latents0, sigmas, weights, alpha, field)
                 if field is not None:  # per-frame start kept; the residual is what the field leaves of it
-                    source = solvers.ResidualSource(field)
-                    start = source.start(weights, start)  # [w (C, J), delta (F, C, h, w)] flat
+                    source = solvers.ResidualSource(field, weights)
+                    start = source.start(start)  # delta (F, C, h, w)
                     extra["source"] = source
                     extra["penalty"] = solvers.video_objective(
                         params.pop("coupling"), torch.from_numpy(flows["forward"].values).to(x),
