@@ -158,7 +158,8 @@ class RestoreSettings(BaseModel):
             raise ValueError(f"--source video optimises the source noise, which only solvers {' | '.join(SOURCE_SOLVERS)} "
                              f"do; use --source frame with --solver {self.solver}")
         if self.source == "video" and self.noise_method != "gp":
-            raise ValueError(f"--source video optimises the weights of the GP noise; method {self.method!r} has none: use "
+            raise ValueError(f"--source video writes every frame's source around the GP noise's warped field; method "
+                             f"{self.method!r} has none: use "
                              "--method warped-diffusion or gp, or --source frame")
         if self.source != "video" and any(v is not None for v in (self.coupling, self.residual, self.source_reg)):
             raise ValueError("--coupling / --residual / --source-reg are the video-level terms of --source video; "
