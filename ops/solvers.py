@@ -31,8 +31,10 @@ Solvers:
   along the flow G_t (t-1 -> t, masks M_t; the self-guidance's and the warping error's map, Warped Diffusion,
   Daras et al. 2024), the video prior the per-frame objective lacks; a pull of every source towards the warped GP
   field that is consistent by construction, which a frame leaves only where its measurement pays for it; and
-  D-Flow's chi prior, so the sources stay plausible noise. Shared GP weights alone (beta -> inf) cannot fit every
-  frame under sub-latent-pixel motion (EXPERIMENTS.md, zero-shot), hence the residuals.
+  D-Flow's chi prior, so the sources stay plausible noise. Optimising the shared GP weights alone (the first
+  `--source video`) cannot fit every frame under sub-latent-pixel motion (EXPERIMENTS.md, zero-shot): hence a
+  source per frame, the field fixed at the MAP fit of the start. The defaults (VIDEO_DEFAULTS) use the coupling
+  alone: on the tuning clip the residual and chi terms cost PSNR.
   Self-guidance is not differentiated through (its own gradient would need second-order autograd): the
   optimisation runs the unguided R, and the final sample from the optimised source runs with guidance.
   The start (`dflow_start`, D-Flow Sec. 4): R^-1 of the encoded back-projection of y (`invert`, the ODE run
