@@ -59,10 +59,16 @@ def _one(name: str, frames: int, steps: int, iterations: int, threads: int, queu
             x, _ = solvers.dps(den, noise, sigmas, y, op, zeta=1.0, **guided)
         elif name == "dflow_frame":
             x, _ = solvers.dflow(den, noise, sigmas, y, op, **adam)
-        elif name == "dflow_video":
+        elif name == "dflow_video":  # as tasks.sample runs it: residuals around the GP field, pixel coupling
             features = gp.draw_rff(np.random.default_rng(0), channels, max(h, w))
-            source, w0 = solvers.video_source(features, flow.chain_positions(bwd.double()))
-            x, _ = solvers.dflow(den, w0, sigmas, y, op, source=source, **adam)
+            field, w0 = solvers.video_source(features, flow.chain_positions(bwd.double()))
+            source = solvers.ResidualSource(field, w0)
+            pixel_fwd, pixel_bwd = flow.synthetic_flows(SIZE, SIZE, frames, flow.translation_matrix(0.5 * factor, 0.25 * factor))
+            pixel_fwd = pixel_fwd.float()
+            penalty = solvers.video_objective(
+                solvers.VIDEO_DEFAULTS["coupling"], pixel_fwd, flow.occlusion_mask(pixel_fwd, pixel_bwd.float()),
+                model._decode_linear, source, solvers.VIDEO_DEFAULTS["residual"], "chi", solvers.VIDEO_DEFAULTS["source_reg"])
+            x, _ = solvers.dflow(den, source.start(noise), sigmas, y, op, source=source, penalty=penalty, **adam)
         else:
             x, _ = solvers.vipaint(den, noise, sigmas, y, op, torch.Generator().manual_seed(2), iterations=iterations)
     seconds = time.perf_counter() - start

@@ -96,8 +96,21 @@ class RestoreSettings(BaseModel):
         "conditional", description="conditional: the task's conditionally trained model; dps | dflow | dmplug | vipaint: "
         "zero-shot with the unconditional prior (ops.solvers), the only way for deblur / denoise")
     source: Literal["frame", "video"] = Field(
-        "frame", description="dflow / dmplug: optimise every frame's noise (frame) or the RFF weights of the one GP "
-        "shared by all frames (video: sources consistent by construction; needs method warped-diffusion or gp)")
+        "frame", description="dflow / dmplug: optimise every frame's noise on its own (frame), or all frames jointly "
+        "(video): each source = the shared warped GP field + its own residual, with a temporal coupling of the "
+        "restored frames along the flow (--coupling) and a penalty on the residuals (--residual); needs method "
+        "warped-diffusion or gp")
+    coupling: float | None = Field(
+        None, ge=0.0, le=1e4, description="--source video: weight gamma of sum_t |warp_t(x_t) - x_(t-1)|^2 over valid "
+        "pixels of the restored frames (the estimated flow, as the warping error), against the data term "
+        "|y - A(x)|^2 (None: ops.solvers.VIDEO_DEFAULTS)")
+    residual: float | None = Field(
+        None, ge=0.0, le=1e4, description="--source video: weight beta of beta/2 |delta|^2 on each frame's departure "
+        "delta from the shared warped GP field (0: free per-frame sources; None: ops.solvers.VIDEO_DEFAULTS)")
+    source_reg: float | None = Field(
+        None, ge=0.0, le=1e4, description="--source video: weight of D-Flow's chi regulariser on every frame's source, "
+        "keeping it plausible unit noise against the residual penalty's pull towards the smoother GP field (None: "
+        "ops.solvers.VIDEO_DEFAULTS)")
     iterations: int = Field(20, ge=1, le=10000, description="dflow / dmplug / vipaint optimisation iterations")
     zeta: float = Field(1.0, gt=0.0, description="dps / vipaint measurement step size (DPS's zeta)")
     lr: float | None = Field(None, gt=0.0, description="dflow / dmplug / vipaint learning rate (None: the solver's default)")
@@ -152,8 +165,13 @@ class RestoreSettings(BaseModel):
             raise ValueError(f"--source video optimises the source noise, which only solvers {' | '.join(SOURCE_SOLVERS)} "
                              f"do; use --source frame with --solver {self.solver}")
         if self.source == "video" and self.noise_method != "gp":
-            raise ValueError(f"--source video optimises the weights of the GP noise; method {self.method!r} has none: use "
+            raise ValueError(f"--source video writes every frame's source around the GP noise's warped field; method "
+                             f"{self.method!r} has none: use "
                              "--method warped-diffusion or gp, or --source frame")
+        if self.source != "video" and any(v is not None for v in (self.coupling, self.residual, self.source_reg)):
+            raise ValueError("--coupling / --residual / --source-reg are the video-level terms of --source video; "
+                             "per-frame sources "
+                             "(--source frame) are optimised one frame at a time: add --source video or drop them")
         if self.solver == "conditional" and (self.source != "frame" or self.lr is not None):
             raise ValueError("--source / --lr configure a zero-shot solver; add --solver dflow (or dmplug, dps, vipaint)")
         return self
@@ -187,6 +205,11 @@ class RestoreSettings(BaseModel):
             from ops.solvers import INIT_BLEND
 
             params.update(source=self.source, iterations=self.iterations, init=INIT_BLEND)
+            if self.source == "video":  # per-frame keys stay as they were: these enter only here
+                from ops.solvers import VIDEO_DEFAULTS
+
+                given = {"coupling": self.coupling, "residual": self.residual, "source_reg": self.source_reg}
+                params.update({k: VIDEO_DEFAULTS[k] if v is None else v for k, v in given.items()})
         if self.solver == "vipaint":
             params["iterations"] = self.iterations
         if self.solver in ("dps", "vipaint"):

@@ -310,8 +310,9 @@ ZERO_SHOT_STEPS = 10
 
 def zero_shot_cells(guidance: float) -> list[tuple[str, dict]]:
     """The zero-shot grid as (row, RestoreConfig fields): every task of ZERO_SHOT_TASKS with the conditional model
-    where one exists (inpaint), dps, dflow on per-frame sources, dflow on the video-level GP source (gp noise only:
-    it optimises that GP's weights) and vipaint (inpaint), each under both noises of ZERO_SHOT_NOISE."""
+    where one exists (inpaint), dps, dflow on per-frame sources, dflow with all frames optimised jointly
+    (`--source video`, ops.solvers.video_objective; gp noise only: its sources are written around that GP's warped
+    field) and vipaint (inpaint), each under both noises of ZERO_SHOT_NOISE."""
     cells = []
     for task in ZERO_SHOT_TASKS:
         solvers = (["conditional"] if task == "inpaint" else []) + ["dps", "dflow-frame", "dflow-video"]

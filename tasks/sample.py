@@ -182,10 +182,13 @@ class SamplerWorker:
     def solve(self, work_root: str, storage_options: dict, key: str, noise: str, flow: str, steps: int, guidance: float,
               solver: dict, prepare: str, task: str, seed: int) -> dict:
         """Zero-shot restoration of the whole video with the unconditional prior: ops.solvers.solve(solver["solver"])
-        on y and A of tasks.degrade.measurement, A applied to the decoded latents (A(decode(x))). source "video"
-        (dflow / dmplug) optimises the RFF weights of the noise stage's own GP draw (the same seed, so source(w0) is
-        the stored gp noise) at the flow's chained latent positions; solver["init"] > 0 starts D-Flow from the
-        inverted back-projection (the prepare stage's cond) blended with that noise (ops.solvers.dflow_start).
+        on y and A of tasks.degrade.measurement, A applied to the decoded latents (A(decode(x))). solver["init"] > 0
+        starts D-Flow from the inverted back-projection (the prepare stage's cond) blended with the stored noise
+        (ops.solvers.dflow_start). source "video" (dflow / dmplug) optimises all frames jointly
+        (ops.solvers.video_objective): the same start, written as the noise stage's own GP draw (the same seed, so
+        source(w0) is the stored gp noise) at the flow's chained latent positions, its weights fixed at the MAP fit
+        of the same inversion, plus optimised per-frame residuals (ops.solvers.ResidualSource); the objective adds the
+        pixel-space temporal coupling along the estimated flow, the residual penalty and the chi regulariser.
         guidance > 0: self-guidance in latent space.
         Per-iteration / per-step losses go into the artifact as `history_<name>` arrays."""
         import numpy as np
@@ -218,19 +221,28 @@ class SamplerWorker:
                              valid=torch.from_numpy(flows["latent_valid"].values).to(self.device))
             start = x
             if name in ("dflow", "dmplug"):
-                source = None
-                if source_kind == "video":
+                field = weights = None
+                if source_kind == "video":  # the shared GP field: the noise stage's own draw at the chained positions
                     positions = torch.from_numpy(flows["latent_positions"].values)  # (F, h, w, 2)
                     features = gp.draw_rff(np.random.default_rng(seed), x.shape[1], max(x.shape[-2:]))  # the noise stage's draw
-                    source, start = solvers.video_source(features, positions, device=x.device)
-                    extra["source"] = source
-                    start = start.to(x)  # (C, J)
+                    field, weights = solvers.video_source(features, positions, device=x.device)
+                    weights = weights.to(x)  # (C, J)
                 alpha = params.pop("init", 0.0)  # D-Flow's start: the inverted back-projection (cond) blended in
                 if alpha:
                     back = _rows(store.open("prepare", prepare)["cond"], slice(None)).permute(0, 3, 1, 2).float() / 255.0
                     with torch.no_grad():
                         latents0 = self.model.encode(back.to(self.device))  # (F, C, h, w)
-                    start = solvers.dflow_start(denoiser, latents0, sigmas, start, alpha, source)
+                    start = solvers.dflow_start(denoiser, latents0, sigmas, start, alpha)
+                    if field is not None:  # the field starts from the MAP weights of the same inversion
+                        weights = solvers.dflow_start(denoiser, latents0, sigmas, weights, alpha, field)
+                if field is not None:  # per-frame start kept; the residual is what the field leaves of it
+                    source = solvers.ResidualSource(field, weights)
+                    start = source.start(start)  # delta (F, C, h, w)
+                    extra["source"] = source
+                    extra["penalty"] = solvers.video_objective(
+                        params.pop("coupling"), torch.from_numpy(flows["forward"].values).to(x),
+                        torch.from_numpy(flows["valid"].values).to(self.device), decode, source, params.pop("residual"),
+                        "chi", params.pop("source_reg"))
             if name == "vipaint":
                 extra["generator"] = torch.Generator().manual_seed(seed)
             t0 = time.perf_counter()

@@ -362,3 +362,108 @@ def test_dflow_start_blends_and_keeps_video_sources_consistent_under_integer_shi
     assert solvers.blend_source(a, b, 0.3).var().item() == pytest.approx(1.0, abs=0.03)
     with pytest.raises(ValueError, match="alpha"):
         solvers.blend_source(a, b, 1.5)
+
+
+# ---- video-level D-Flow: temporal coupling along the flow, residual sources around the warped GP field ----
+
+
+def test_temporal_coupling_is_zero_along_the_flow_and_pulls_frames_together():
+    f, c, h, w = 4, 2, 8, 8
+    fwd, _, valid = _video(f, c, h, w, dx=1.0)  # frame t's pixel x + 1 shows what frame t-1 shows at x
+    base = torch.randn(c, h, w + f, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    clip = torch.stack([base[..., f - t : f - t + w] for t in range(f)])  # content moving +1 px per frame
+    assert float(solvers.temporal_coupling(clip, fwd, valid)) < 1e-20
+    assert float(solvers.temporal_coupling(clip, torch.zeros_like(fwd), valid)) > 1.0  # the wrong flow: it disagrees
+    # two frames that disagree: a gradient step on the coupling moves both towards each other
+    pair = torch.randn(2, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    still = torch.zeros(1, h, w, 2, dtype=torch.float64)
+    loss = solvers.temporal_coupling(pair, still)
+    (grad,) = torch.autograd.grad(loss, pair)
+    assert torch.allclose(grad[0], -grad[1]) and loss.item() == pytest.approx(float((pair[1] - pair[0]).pow(2).sum()))
+    moved = (pair - 0.25 * grad).detach()
+    assert torch.allclose(moved[0], moved[1])  # step 1/4 of the gradient 2 (a - b) meets in the middle
+    with pytest.raises(ValueError, match="forward"):
+        solvers.temporal_coupling(pair, torch.zeros(2, h, w, 2, dtype=torch.float64))
+
+
+def test_residual_source_starts_at_the_given_noise_around_a_fixed_field():
+    f, c, h, w = 3, 2, 8, 8
+    _, bwd, _ = _video(f, c, h, w, dx=1.0)
+    features = gp.draw_rff(np.random.default_rng(0), c, max(h, w), num_features=64)
+    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    source = solvers.ResidualSource(field, w0)
+    noise = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    delta = source.start(noise)
+    assert delta.shape == (f, c, h, w) and torch.allclose(delta, noise - field(w0))
+    assert torch.allclose(source(delta), noise, atol=1e-12)
+    assert torch.equal(source(torch.zeros_like(delta)), field(w0))  # no residual: the consistent field itself
+    d = delta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(source(d).pow(2).sum(), d)
+    assert torch.allclose(g, 2 * source(delta))  # differentiable in the residuals only: the field is a constant
+    with pytest.raises(ValueError, match="noise"):
+        source.start(noise[:2])
+
+
+def test_video_dflow_with_no_video_terms_is_per_frame_dflow():
+    """z = field + delta, delta optimised with no penalty: Adam's iterates are those of per-frame D-Flow exactly."""
+    f, c, h, w = 3, 2, 8, 8
+    _, bwd, _ = _video(f, c, h, w, dx=1.0)
+    features = gp.draw_rff(np.random.default_rng(0), c, max(h, w), num_features=64)
+    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    source = solvers.ResidualSource(field, w0)
+    keep = (torch.rand(1, 1, h, w, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    y = keep * torch.rand(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    op = lambda v, j: operators.mask(v, keep)
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    noise = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = dict(iterations=8, optimizer="adam", lr=0.1)
+    x_frame, h_frame = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, **kw)
+    x_video, h_video = solvers.dflow(gaussian_denoiser, source.start(noise), sigmas, y, op, source=source,
+                                     penalty=solvers.video_objective(), **kw)
+    assert torch.allclose(x_frame, x_video, atol=1e-10)
+    assert h_frame["data"] == pytest.approx(h_video["data"], rel=1e-9)
+
+
+def test_video_objective_without_terms_is_per_frame_dflow_and_checks_its_weights():
+    keep, y, *_, noise, op = _masked_problem(3, c=2)
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    kw = dict(iterations=5, optimizer="adam", lr=0.1)
+    plain, hist = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, **kw)
+    same, hist_same = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, penalty=solvers.video_objective(), **kw)
+    assert torch.equal(plain, same) and hist["loss"] == hist_same["loss"] and hist_same["penalty"] == [0.0] * 5
+    for bad, match in ((dict(coupling=-1.0), "coupling"), (dict(coupling=1.0), "forward flows"),
+                       (dict(residual=1.0), "ResidualSource"), (dict(residual=math.inf), "residual"),
+                       (dict(reg="l1", reg_weight=1.0), "regularizer")):
+        with pytest.raises(ValueError, match=match):
+            solvers.video_objective(**bad)
+
+
+def test_video_dflow_shares_what_the_flow_says_is_shared():
+    """Content moving 1 px per frame, each frame measured with its own noise: per-frame D-Flow fits every frame's
+    noise; the coupled objective makes the outputs agree along the flow and, averaging the noise, lands closer to
+    the truth; a large residual weight keeps the sources on the consistent GP field."""
+    f, c, h, w = 4, 1, 8, 8
+    fwd, bwd, valid = _video(f, c, h, w, dx=1.0)
+    base = MU + S * torch.randn(c, h, w + f, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    truth = torch.stack([base[..., f - t : f - t + w] for t in range(f)])  # (F, C, h, w)
+    y = truth + 0.2 * torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    op = lambda v, j: v
+    sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
+    features = gp.draw_rff(np.random.default_rng(2), c, max(h, w), num_features=128)
+    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
+    source = solvers.ResidualSource(field, w0)
+    kw = dict(iterations=60, optimizer="adam", lr=0.1)
+    noise = torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))  # one start
+    x_frame, _ = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, **kw)
+    x_video, hist = solvers.dflow(gaussian_denoiser, source.start(noise), sigmas, y, op, source=source,
+                                  penalty=solvers.video_objective(3.0, fwd, valid), **kw)
+    coupled = [float(solvers.temporal_coupling(x, fwd, valid)) for x in (x_frame, x_video)]
+    assert coupled[1] < 0.2 * coupled[0]
+    assert float((x_video - truth).pow(2).mean()) < 0.8 * float((x_frame - truth).pow(2).mean())
+    assert hist["penalty"][-1] < hist["penalty"][0]
+    tied = dict(source=source, penalty=solvers.video_objective(residual=1e4, source=source), iterations=10,
+                optimizer="lbfgs", lr=1.0)
+    _, hist_tied = solvers.dflow(gaussian_denoiser, source.start(noise), sigmas, y, op, **tied)
+    z = source(hist_tied["z"])  # the residuals are pulled to ~0: the sources become the one field moving with the content
+    assert hist_tied["penalty"][-1] < 1e-2 * hist_tied["penalty"][0]
+    assert (z[1:, ..., 1:] - z[:-1, ..., :-1]).abs().max() < 0.1 * (noise[1:, ..., 1:] - noise[:-1, ..., :-1]).abs().max()
