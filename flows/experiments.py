@@ -743,9 +743,12 @@ def run_experiment(name: str, input: str | None = None, frames: int | None = Non
             stamp = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in scores.items() if v == v])
             # the input and truth rows: once per distinct input (per seed only where the seed draws the mask)
-            if name != "guidance-sweep" and (spec.clip.image, input_digest(outputs)) not in done_inputs:
-                first = not any(c == spec.clip.image for c, _ in done_inputs)
-                done_inputs.add((spec.clip.image, input_digest(outputs)))
+            # zero-shot logs them for every seed too, so that each of its rows has n = seeds (issue 14's table)
+            seed_key = cfg.seed if name == "zero-shot" else None
+            key = (spec.clip.image, input_digest(outputs), seed_key)
+            if name != "guidance-sweep" and key not in done_inputs:
+                first = not any(c == spec.clip.image and s == seed_key for c, _, s in done_inputs)
+                done_inputs.add(key)
                 for row, row_scores in input_rows(outputs, spec.clip, ae, with_truth=first).items():
                     _log_row_run(label, parent.info.run_id, uri, row, spec.clip, cfg.seed, cfg.model_name, row_scores)
             seconds = time.perf_counter() - t
