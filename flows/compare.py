@@ -153,10 +153,13 @@ def fmt(value: float) -> str:
 
 
 def cell(row: dict, metric: str) -> str:
-    """`mean ± std`; the std is "–" when only one run has the metric (n = 1)."""
+    """`mean ± std`; the std is "–" when only one run has the metric (n = 1), 0 when the runs agree to float
+    rounding (a deterministic row scored once per seed)."""
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
     if math.isnan(mean):
         return "–"
+    if not math.isnan(std) and std <= 1e-9 * abs(mean):
+        std = 0.0
     return f"{fmt(mean)} ± {fmt(std)}"
 
 

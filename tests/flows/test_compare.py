@@ -190,6 +190,8 @@ def test_std_dash_for_single_runs_and_rows_grouped_by_clip():
     assert gp["psnr_mean"] == pytest.approx(21.0) and gp["psnr_std"] == pytest.approx(1.0) and gp["psnr_n"] == 3
     assert compare.cell(gp, "psnr") == "21 ± 1"
     assert compare.cell(rows[1], "psnr") == "21 ± –" and compare.cell(rows[0], "psnr") == "–"
+    same = {"psnr_mean": 29.49, "psnr_std": 4.351e-15}  # a deterministic row scored per seed: float rounding only
+    assert compare.cell(same, "psnr") == "29.49 ± 0"
     text = compare.render(rows, "md")
     assert "#### clip coffee (report)" in text and "#### clip rocket (report)" in text
     assert "± 0 " not in text and "WE pixel first (exact)" in text and "grad ratio" in text
