@@ -172,7 +172,7 @@ def footnotes(rows: list[dict]) -> list[str]:
         notes.append(f"`{TRUTH_ROW}`: the ground-truth clip itself scored against each flow, the warping error a "
                      "perfect restoration would get (the exact-flow floor is what interpolation of the rendered "
                      "frames leaves); `input: …` rows: the model's input scored like a method (deterministic for SR: "
-                     "n = 1).")
+                     "n = 1, or one run per seed with std 0 where the experiment logs them per seed).")
     if any(not math.isnan(r["grad_ratio_mean"]) for r in rows):
         notes.append("grad ratio: mean gradient magnitude over the truth's (1 = as sharp; < 1 blurrier, which PSNR "
                      "rewards). blockiness: mean |pixel difference| across 8-px cell borders over the mean elsewhere, "
