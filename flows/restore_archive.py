@@ -3,7 +3,8 @@
 - one Prefect task run per video, all in the archive's flow run (logs, progress artifacts, the MLflow
   `prefect_flow_run_id` tag), `concurrency` at a time on a Prefect ThreadPoolTaskRunner;
 - a manifest (`manifest.jsonl` in the output prefix) says what is restored: a video whose identity (`ukey`: see
-  `input_ukey`, the file's metadata, not its bytes) and settings hash (`config_hash`) are already in it is skipped,
+  `input_ukey`, the file's metadata, not its bytes) and settings hash (`config_hash`: the settings and the weights
+  of the model they resolve to) are already in it is skipped,
   so reruns are cheap and idempotent; the manifest is replaced atomically after every video (one writer: the flow);
 - each video is isolated: a failure is recorded with its reason (manifest, summary table) and the others go on;
   a failed video whose output folder is new leaves none behind; transient I/O errors are retried by the stage tasks;
@@ -80,8 +81,14 @@ def input_ukey(url: str, storage_options: dict | None = None) -> str:
 
 
 def config_hash(settings: dict) -> str:
-    """Hash of the settings that change the restored frames (RestoreConfig's result fields)."""
-    return hashlib.sha256(canonical_json(RestoreConfig(input="x", **settings).model_dump(include=set(result_fields()))).encode()).hexdigest()[:16]
+    """Hash of what changes the restored frames: the settings (RestoreConfig's result fields) and the identity of
+    the model they resolve to (storage.models.model_identity: its weights), so a video restored by a model that has
+    since been retrained or replaced is restored again, while unchanged ones are skipped."""
+    from storage.models import model_identity
+
+    cfg = RestoreConfig(input="x", **settings)
+    identity = {"settings": cfg.model_dump(include=set(result_fields())), "model": model_identity(cfg.model_name)}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 
 # --- manifest ------------------------------------------------------------------------------------------------------

@@ -340,3 +340,23 @@ def test_archive_command_refuses_bad_settings_before_any_work(tmp_path, capsys):
     assert main(["archive", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--concurrency", "0"]) == 2
     assert "--concurrency must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_config_hash_follows_the_model_weights(tmp_path):
+    """The archive's "already restored" identity holds the resolved model's weights: a retrained model (same name,
+    new weights_sha256 in its card) restores the archive again; the same settings and weights skip it."""
+    import json
+    import shutil
+
+    from storage.models import resolve
+
+    shipped = resolve("sr8-res-gp")
+    model = tmp_path / "my-sr8"
+    shutil.copytree(shipped, model)
+    before = config_hash({"model": str(model)})
+    assert before == config_hash({"model": str(model)}) and before != config_hash({"model": "sr8-res-gp", "steps": 3})
+    card = json.loads((model / "card.json").read_text())
+    card["weights_sha256"] = "0" * 64  # what save_model records after retraining
+    (model / "card.json").write_text(json.dumps(card))
+    assert config_hash({"model": str(model)}) != before
+    assert config_hash({}) == config_hash({"model": None})  # the default model resolves the same way
