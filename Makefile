@@ -53,10 +53,10 @@ experiments-res: $(STAMP)
 	$(BIN)/restore-video experiment video-sr --family res --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_SCALE) $(EXPERIMENT_ARGS)
 
 # What a user gets on ordinary footage: the shipped defaults on wide 640x272 clips (sr8, sr4, old-film scratches and
-# dust), next to the input; 3 seeds. EXPERIMENT_REAL_SCALE: the scale of the committed table (~25 min on 2 cores).
-EXPERIMENT_REAL_SCALE ?= --frames 12 --steps 16
+# dust), next to the input; 3 seeds, 12 frames, 16 steps (flows.experiments.REAL_FRAMES / REAL_STEPS): ~20 min on 2
+# cores from scratch.
 experiments-real: $(STAMP)
-	$(BIN)/restore-video experiment real-clips --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_REAL_SCALE) $(EXPERIMENT_ARGS)
+	$(BIN)/restore-video experiment real-clips --seeds 3 --update-doc EXPERIMENTS.md $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) .prefect .cache work out

@@ -50,7 +50,8 @@ class RunOptions(BaseModel):
                                    "preflight accepts; raise it to restore larger targets on purpose")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N: where encode, sample and decode run")
     chroma: Literal["444", "420"] = Field("444", description="colour sampling of restored.mp4 (H.264 crf 18): 444 keeps "
-                                          "full colour resolution (High 4:4:4; what the metrics score); 420 plays in "
+                                          "full colour resolution (High 4:4:4; closest to the decoded frames the "
+                                          "metrics score); 420 plays in "
                                           "every browser and phone but halves colour resolution, which itself adds "
                                           "8-px block structure (the demo's ground truth: blockiness 1.12 after a 4:2:0 "
                                           "encode, 1.03 after 4:4:4)")

@@ -76,7 +76,8 @@ PSNR_SLACK_DB = 0.5  # the sweep's pick may cost at most this much PSNR against 
 INPUT_ROW = "input"  # rows of the input itself (prefix); TRUTH_ROW: the ground truth scored against the flows
 TRUTH_ROW = "truth (floor)"
 REAL_SIZE = (640, 272)  # real-clips: (width, height) of an ordinary wide frame, 272 not a multiple of the models' 32 px
-REAL_FRAMES = 16
+REAL_FRAMES = 12  # real-clips' scale (the committed table): 12 frames ...
+REAL_STEPS = 16  # ... of 16 sampler steps (the residual models start at sigma_max 0.1 / 0.05; the product default is 50)
 REAL_TASKS = ("sr8", "sr4", "inpaint")
 REAL_METHODS = ("warped-diffusion", "gp")
 CLIP_TAG = "restore_video.clip"
@@ -379,7 +380,7 @@ def experiment_grid(name: str, clips, steps: int | None = None, seeds: int = DEF
         from flows.config import RestoreSettings
         from storage.models import DEFAULT_MODELS
 
-        base["steps"] = steps or RestoreSettings.model_fields["steps"].default
+        base["steps"] = steps or REAL_STEPS
         lam = guidance if guidance is not None else RestoreSettings.model_fields["guidance"].default
         for t in REAL_TASKS:
             for method in REAL_METHODS:
@@ -550,7 +551,7 @@ def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) 
     """
     import torch
 
-    from ops import degrade
+    from tasks.degrade import SR_FACTORS
     from tasks.metrics import input_frames
 
     prepared = outputs["prepared"]
@@ -565,11 +566,9 @@ def input_rows(outputs: dict, clip: Clip, autoencoder, with_truth: bool = True) 
         rows[f"{INPUT_ROW}: {'blurred' if prepared.attrs['task'] == 'deblur' else 'noisy'}"] = given
         hole = None
     else:
-        low = _float(prepared["input"].values)
-        scale = given.shape[-1] // low.shape[-1]
-        rows[f"{INPUT_ROW}: bicubic ×{scale}"] = given
-        rows[f"{INPUT_ROW}: bicubic ×{scale} + back-projection"] = degrade.back_project(
-            degrade.upsample(low.float(), scale), low.float(), scale).double()
+        scale = SR_FACTORS[prepared.attrs["task"]]
+        rows[f"{INPUT_ROW}: bicubic ×{scale}"] = _float(prepared["cond"].values)  # what the model is given
+        rows[f"{INPUT_ROW}: bicubic ×{scale} + back-projection"] = given  # the metrics stage's baseline
         hole = None
     if with_truth:
         rows[TRUTH_ROW] = truth

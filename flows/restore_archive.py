@@ -83,11 +83,12 @@ def input_ukey(url: str, storage_options: dict | None = None) -> str:
 def config_hash(settings: dict) -> str:
     """Hash of what changes the restored frames: the settings (RestoreConfig's result fields) and the identity of
     the model they resolve to (storage.models.model_identity: its weights), so a video restored by a model that has
-    since been retrained or replaced is restored again, while unchanged ones are skipped."""
+    since been retrained or replaced is restored again, while unchanged ones are skipped; and restored.mp4's chroma."""
     from storage.models import model_identity
 
     cfg = RestoreConfig(input="x", **settings)
-    identity = {"settings": cfg.model_dump(include=set(result_fields())), "model": model_identity(cfg.model_name)}
+    identity = {"settings": cfg.model_dump(include=set(result_fields())), "model": model_identity(cfg.model_name),
+                "chroma": cfg.chroma}  # restored.mp4's encoding: a run with another --chroma rewrites the files
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]
 
 

@@ -625,7 +625,7 @@ INIT_BLEND = 0.9
 # --source video (`video_objective` with a ResidualSource, pixel-space coupling): coupling gamma, residual beta and
 # the chi regulariser's weight on the sources, picked on the tuning clip (rocket, deblur, 8 frames of 128^2; EXPERIMENTS.md
 # zero-shot). gamma 3 against per-frame D-Flow: 10 steps / 15 iterations (seeds 0-2) +0.08 dB, warping error 0.59x;
-# the CLI's 50 steps / 20 iterations -0.39 dB, 0.78x; gamma 10 cost 1.7 dB there. The residual penalty (beta 3) and
+# the CLI's 50 steps / 20 iterations -0.39 dB, 0.78x (estimated flow; 0.94x exact, seed 0); gamma 10 cost 1.7 dB there. The residual penalty (beta 3) and
 # the chi term (0.3) lowered PSNR by a further 1.2 dB at 50 steps (the MAP field is smoother than noise): off.
 VIDEO_DEFAULTS = {"coupling": 3.0, "residual": 0.0, "source_reg": 0.0}
 # DMPlug = D-Flow's source optimisation with Adam and ES-WMV early stopping (our defaults, not the paper's tuning).

@@ -206,7 +206,10 @@ def _identity(args: dict, storage_options: dict) -> dict:
     from tasks.extract import source_identity
 
     mask = source_identity(args["mask"], storage_options) if args.get("mask") else None
-    return {"task": args["task"], "mode": args["mode"], "seed": args["seed"], "mask": mask, "multiple": args["multiple"]}
+    ident = {"task": args["task"], "mode": args["mode"], "seed": args["seed"], "mask": mask, "multiple": args["multiple"]}
+    if mask and args["mode"] == "benchmark":  # the user's holes (before: ignored for the seed's) - never the old artifact
+        ident["holes"] = "mask"
+    return ident
 
 
 # args: task, mode, seed, mask (URL or None), multiple (the model's pad multiple)

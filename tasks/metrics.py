@@ -15,6 +15,7 @@ from ops import flow as flowops
 from ops import metrics
 from ops.images import to_float
 from tasks._stage import Stage, frame_chunks
+from tasks.degrade import SR_FACTORS
 
 
 class _FirstFrameError:
@@ -52,15 +53,23 @@ def _chunk(array, start: int, stop: int, height: int | None = None, width: int |
 
 
 # What the model was given, scored like a restoration: the bar a restoration has to clear.
-INPUT_BASELINES = {"sr8": "bicubic x8", "sr4": "bicubic x4", "inpaint": "Telea fill (OpenCV) of the holes",
-                   "deblur": "the blurred input", "denoise": "the noisy input"}
+INPUT_BASELINES = {"sr8": "bicubic x8 + back-projection", "sr4": "bicubic x4 + back-projection",
+                   "inpaint": "Telea fill (OpenCV) of the holes", "deblur": "the blurred input", "denoise": "the noisy input"}
 
 
 def input_frames(prepared: xr.Dataset, start: int, stop: int, height: int, width: int) -> torch.Tensor:
-    """(n, 3, H, W) float64 frames of the input baseline (INPUT_BASELINES): the prepared conditioning frames (bicubic
-    upsampling for super-resolution, the degraded frames otherwise), holes filled by OpenCV's Telea for inpainting."""
+    """(n, 3, H, W) float64 frames of the input baseline (INPUT_BASELINES): for super-resolution the bicubic
+    upsampling back-projected onto the low-res input (ops.degrade.back_project, what tasks/decode.py does to a
+    restoration too: the bar a restoration has to clear), holes filled by OpenCV's Telea for inpainting, the degraded
+    frames otherwise."""
+    from ops import degrade
     from ops.training import telea_inpaint
 
+    task = prepared.attrs.get("task")
+    if task in SR_FACTORS:
+        scale = SR_FACTORS[task]
+        low = to_float(_chunk(prepared["input"], start, stop)).float()  # (n, 3, H/s, W/s), the padded grid
+        return degrade.back_project(degrade.upsample(low, scale), low, scale).double()[..., :height, :width]
     x = to_float(_chunk(prepared["cond"], start, stop, height, width), torch.float64)
     if "mask" in prepared:
         holes = torch.from_numpy(_chunk(prepared["mask"], start, stop, height, width)).double()[:, None]  # (n, 1, H, W)
@@ -127,7 +136,7 @@ class _Scores:
         names = [k[len("warping_error_"):] for k in per_frame if k.startswith("warping_error_")]
         out = {"warping_error": {n: metrics.summarize(torch.tensor(per_frame[f"warping_error_{n}"], dtype=torch.float64))
                                  for n in names},
-               "flicker": float(np.abs(np.diff(self.means)).mean()) if len(self.means) > 1 else 0.0}
+               "flicker": float(np.abs(np.diff(self.means)).mean()) if len(self.means) > 1 else math.nan}
         if self.has_truth:
             out.update(psnr=float(np.mean(self.series["psnr"])), ssim=float(np.mean(self.series["ssim"])),
                        grad_ratio=float(self.grad[0] / self.grad[1].clamp_min(1e-12)),

@@ -360,3 +360,4 @@ def test_config_hash_follows_the_model_weights(tmp_path):
     (model / "card.json").write_text(json.dumps(card))
     assert config_hash({"model": str(model)}) != before
     assert config_hash({}) == config_hash({"model": None})  # the default model resolves the same way
+    assert config_hash({"chroma": "420"}) != config_hash({})  # another encoding of restored.mp4: written again

@@ -60,8 +60,8 @@ def test_cli_run_is_a_flow_run_with_task_runs_per_run_out_and_summary(tmp_path):
     link = f"{ui}/#/experiments/{report['mlflow_experiment_id']}/runs/{report['mlflow_run_id']}"
     assert f"[{report['mlflow_run_id']}]({link})" in summary["data"]
     assert str(out / "restored.mp4") in summary["data"] and "warping error" in summary["data"]
-    assert "| score | restored | input: bicubic x8 |" in summary["data"]  # restore mode too: the input's own warping error
-    assert report["input"]["name"] == "bicubic x8" and "psnr" not in report["input"]  # no truth in restore mode
+    assert "| score | restored | input: bicubic x8 + back-projection |" in summary["data"]  # restore mode: its own warping error
+    assert report["input"]["name"] == "bicubic x8 + back-projection" and "psnr" not in report["input"]  # no truth here
     client = mlflow.MlflowClient(tracking_uri=report["mlflow_tracking_uri"])
     run = client.get_run(report["mlflow_run_id"])
     assert run.data.metrics["input_warping_error_pixel_first"] == pytest.approx(report["input"]["warping_error"]["pixel_first"])

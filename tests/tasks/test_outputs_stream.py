@@ -107,3 +107,35 @@ def test_prepare_is_streamed_chunk_by_chunk_and_equals_the_whole_video(tmp_path)
         for name, array in whole.items():
             assert np.array_equal(back[name].values, array), (task_name, mode, name)
         assert back["cond"].shape[1] % 32 == 0 and back["cond"].shape[2] % 32 == 0
+
+
+def test_super_resolution_baseline_is_back_projected_bicubic_cropped_to_the_frame():
+    """The SR input baseline is bicubic xS back-projected onto the low-res input (what decode does to a restoration),
+    computed on the padded grid and cropped, chunk by chunk."""
+    from ops import degrade
+    from tasks.metrics import input_frames
+
+    rng = np.random.default_rng(1)
+    low = (rng.random((3, 5, 6, 3)) * 255).astype(np.uint8)  # (F, h, w, 3) the padded low-res input
+    prepared = xr.Dataset({"input": (("frame", "ly", "lx", "rgb"), low)}, attrs={"task": "sr8"})
+    lo = torch.from_numpy(low).permute(0, 3, 1, 2).float() / 255
+    expected = degrade.back_project(degrade.upsample(lo, 8), lo, 8).double()[..., :37, :45]
+    got = torch.cat([input_frames(prepared, 0, 2, 37, 45), input_frames(prepared, 2, 3, 37, 45)])
+    assert got.shape == (3, 3, 37, 45)
+    torch.testing.assert_close(got, expected)
+    assert float((degrade.downsample(degrade.back_project(degrade.upsample(lo, 8), lo, 8), 8) - lo).abs().mean()) < \
+        float((degrade.downsample(degrade.upsample(lo, 8), 8) - lo).abs().mean())  # closer to its input than bicubic
+
+
+def test_prepare_key_of_benchmark_with_the_users_mask_is_not_the_random_masks_one(tmp_path):
+    """Before benchmark mode honoured --mask it stored the seed's random masks under a key that named the mask file:
+    the user's holes get a key of their own, so such an old artifact is never served for them."""
+    from tasks import degrade as prepare
+
+    mask = tmp_path / "m.png"
+    mask.write_bytes(b"png")
+    args = {"task": "inpaint", "seed": 0, "multiple": 32, "mask": str(mask)}
+    bench = prepare._identity({**args, "mode": "benchmark"}, {})
+    restore = prepare._identity({**args, "mode": "restore"}, {})
+    assert bench["holes"] == "mask" and "holes" not in restore  # restore keys (always the user's holes) unchanged
+    assert "holes" not in prepare._identity({**args, "mode": "benchmark", "mask": None}, {})
