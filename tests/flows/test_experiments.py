@@ -260,6 +260,19 @@ def _stand_in_restore(calls):
     return restore
 
 
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The experiments run with `_stand_in_restore` and a real MLflow store of their own; -> the list of configs
+    restored. MLflow's tracking URI is put back afterwards."""
+    import mlflow
+
+    calls, previous = [], mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    yield calls
+    mlflow.set_tracking_uri(previous)
+
+
 def _child_runs(work_root, name):
     from mlflow.tracking import MlflowClient
 
@@ -274,121 +287,105 @@ def _child_runs(work_root, name):
 
 
 @pytest.mark.slow
-def test_tuning_then_report_with_input_rows_and_floors(tmp_path, monkeypatch, capsys):
+def test_tuning_then_report_with_input_rows_and_floors(tmp_path, monkeypatch, capsys, stand_in):
     """experiment_cli `all`-style: the guidance sweep on the tuning clip writes tuning.json, video-sr reads it and
     reports on a different held-out clip, with the input rows (bicubic, + back-projection), the truth floor, exact
     and estimated warping errors, grad ratio and blockiness, n = 3 seeds and "–" for n = 1 (real MLflow)."""
     import argparse
     import json
 
-    import mlflow
-
-    calls = []
-    previous = mlflow.get_tracking_uri()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    calls = stand_in
     monkeypatch.setattr(experiments, "CLIP_SIZE", 64)
     monkeypatch.setattr(experiments, "METHODS", ("warped-diffusion", "gp", "integral"))
     monkeypatch.setattr(experiments, "LAMBDAS", (0.0, 1.0, 2.0))
     doc = tmp_path / "EXPERIMENTS.md"
     doc.write_text("# Experiments\n\nprose\n\n<!-- BEGIN experiment:video-sr -->\nold table\n<!-- END experiment:video-sr -->\n\nmore prose\n")
-    try:
-        base = dict(input=None, frames=4, steps=2, work_root=str(tmp_path), json=False, guidance=None,
-                    tune_image="rocket", update_doc=str(doc))
-        sweep = argparse.Namespace(name="guidance-sweep", seeds=1, guidance_space="pixel", report_images=None, **base)
-        assert experiments.experiment_cli(sweep) == 0
-        tuning = json.loads((tmp_path / "experiments" / "tuning.json").read_text())
-        assert tuning["clip"] == "rocket" and tuning["steps"] == 2 and tuning["guidance_space"] == "pixel"
-        assert tuning["guidance"] in experiments.LAMBDAS
-        assert {c.input for c in calls} == {str(tmp_path / "experiments" / "clips" / "rocket_64_4f.mkv")}
-        calls.clear()
-        report = argparse.Namespace(name="video-sr", seeds=3, guidance_space=None, report_images="coffee",
-                                    **{**base, "steps": None})
-        assert experiments.experiment_cli(report) == 0
-        printed = capsys.readouterr().out
-        # tuned on rocket, reported on coffee: no run of video-sr saw the tuning clip
-        assert {c.input for c in calls} == {str(tmp_path / "experiments" / "clips" / "coffee_64_4f.mkv")}
-        assert {(c.steps, c.guidance, c.guidance_space) for c in calls if c.method == "warped-diffusion"} == {
-            (2, tuning["guidance"], "pixel")}
-        assert {c.model_name for c in calls if c.method == "integral"} == {"sr8-white"}
-        assert {c.model_name for c in calls if c.method != "integral"} == {"sr8-gp"}
-        assert "tuned on" not in printed or "rocket" in printed
-        assert "λ, steps and guidance space: rocket (guidance-sweep" in printed
-        assert "#### clip coffee (report)" in printed
+    base = dict(input=None, frames=4, steps=2, work_root=str(tmp_path), json=False, guidance=None,
+                tune_image="rocket", update_doc=str(doc))
+    sweep = argparse.Namespace(name="guidance-sweep", seeds=1, guidance_space="pixel", report_images=None, **base)
+    assert experiments.experiment_cli(sweep) == 0
+    tuning = json.loads((tmp_path / "experiments" / "tuning.json").read_text())
+    assert tuning["clip"] == "rocket" and tuning["steps"] == 2 and tuning["guidance_space"] == "pixel"
+    assert tuning["guidance"] in experiments.LAMBDAS
+    assert {c.input for c in calls} == {str(tmp_path / "experiments" / "clips" / "rocket_64_4f.mkv")}
+    calls.clear()
+    report = argparse.Namespace(name="video-sr", seeds=3, guidance_space=None, report_images="coffee",
+                                **{**base, "steps": None})
+    assert experiments.experiment_cli(report) == 0
+    printed = capsys.readouterr().out
+    # tuned on rocket, reported on coffee: no run of video-sr saw the tuning clip
+    assert {c.input for c in calls} == {str(tmp_path / "experiments" / "clips" / "coffee_64_4f.mkv")}
+    assert {(c.steps, c.guidance, c.guidance_space) for c in calls if c.method == "warped-diffusion"} == {
+        (2, tuning["guidance"], "pixel")}
+    assert {c.model_name for c in calls if c.method == "integral"} == {"sr8-white"}
+    assert {c.model_name for c in calls if c.method != "integral"} == {"sr8-gp"}
+    assert "tuned on" not in printed or "rocket" in printed
+    assert "λ, steps and guidance space: rocket (guidance-sweep" in printed
+    assert "#### clip coffee (report)" in printed
 
-        client, parents, children = _child_runs(tmp_path, "video-sr")
-        assert len(parents) == 1
-        kids = children[parents[0].info.run_id]
-        by_row = {}
-        for r in kids:
-            by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r)
-        assert set(by_row) == {"warped-diffusion", "gp", "integral/white", "input: bicubic ×8",
-                               "input: bicubic ×8 + back-projection", "truth (floor)"}
-        assert {len(v) for k, v in by_row.items() if not k.startswith(("input", "truth"))} == {3}
-        assert len(by_row["input: bicubic ×8"]) == 1 and len(by_row["truth (floor)"]) == 1  # deterministic
-        for r in kids:
-            m = r.data.metrics
-            assert {"warping_error_pixel_first", "warping_error_pixel_first_exact",
-                    "warping_error_latent_prev_exact"} <= set(m)
-            assert m["warping_error_pixel_first"] != 1.0  # the stand-in's placeholder was re-scored
-            if r.data.tags[compare.ROW_TAG] != "truth (floor)":
-                assert {"psnr", "ssim", "grad_ratio", "blockiness"} <= set(m)
-        floor = by_row["truth (floor)"][0].data.metrics
-        bic = by_row["input: bicubic ×8"][0].data.metrics
-        bp = by_row["input: bicubic ×8 + back-projection"][0].data.metrics
-        assert floor["warping_error_pixel_first_exact"] < bic["warping_error_pixel_first_exact"]  # the truth is the floor
-        assert bp["psnr"] > bic["psnr"] and bic["grad_ratio"] < 1  # bicubic is blurry; back-projection helps PSNR
+    client, parents, children = _child_runs(tmp_path, "video-sr")
+    assert len(parents) == 1
+    kids = children[parents[0].info.run_id]
+    by_row = {}
+    for r in kids:
+        by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r)
+    assert set(by_row) == {"warped-diffusion", "gp", "integral/white", "input: bicubic ×8",
+                           "input: bicubic ×8 + back-projection", "truth (floor)"}
+    assert {len(v) for k, v in by_row.items() if not k.startswith(("input", "truth"))} == {3}
+    assert len(by_row["input: bicubic ×8"]) == 1 and len(by_row["truth (floor)"]) == 1  # deterministic
+    for r in kids:
+        m = r.data.metrics
+        assert {"warping_error_pixel_first", "warping_error_pixel_first_exact",
+                "warping_error_latent_prev_exact"} <= set(m)
+        assert m["warping_error_pixel_first"] != 1.0  # the stand-in's placeholder was re-scored
+        if r.data.tags[compare.ROW_TAG] != "truth (floor)":
+            assert {"psnr", "ssim", "grad_ratio", "blockiness"} <= set(m)
+    floor = by_row["truth (floor)"][0].data.metrics
+    bic = by_row["input: bicubic ×8"][0].data.metrics
+    bp = by_row["input: bicubic ×8 + back-projection"][0].data.metrics
+    assert floor["warping_error_pixel_first_exact"] < bic["warping_error_pixel_first_exact"]  # the truth is the floor
+    assert bp["psnr"] > bic["psnr"] and bic["grad_ratio"] < 1  # bicubic is blurry; back-projection helps PSNR
 
-        table = (tmp_path / "EXPERIMENTS.md").read_text()
-        assert table.startswith("# Experiments\n\nprose") and "<!-- END experiment:video-sr -->\n\nmore prose" in table
-        assert "old table" not in table and "| truth (floor) | 1 |" in table
-        line = next(x for x in table.splitlines() if x.startswith("| input: bicubic ×8 |"))
-        assert "± –" in line  # n = 1: no std
-        line = next(x for x in table.splitlines() if x.startswith("| gp | 3 |"))
-        assert "± –" not in line.split("|")[3]
-        assert "grad ratio" in table and "WE pixel first (exact)" in table and "noise σ (NR)" in table
-        assert floor["noise_sigma"] > bic["noise_sigma"]  # no-reference: bicubic is smoother than the truth
-        assert "## guidance-sweep" in table  # no markers for it yet: appended
-    finally:
-        mlflow.set_tracking_uri(previous)
+    table = (tmp_path / "EXPERIMENTS.md").read_text()
+    assert table.startswith("# Experiments\n\nprose") and "<!-- END experiment:video-sr -->\n\nmore prose" in table
+    assert "old table" not in table and "| truth (floor) | 1 |" in table
+    line = next(x for x in table.splitlines() if x.startswith("| input: bicubic ×8 |"))
+    assert "± –" in line  # n = 1: no std
+    line = next(x for x in table.splitlines() if x.startswith("| gp | 3 |"))
+    assert "± –" not in line.split("|")[3]
+    assert "grad ratio" in table and "WE pixel first (exact)" in table and "noise σ (NR)" in table
+    assert floor["noise_sigma"] > bic["noise_sigma"]  # no-reference: bicubic is smoother than the truth
+    assert "## guidance-sweep" in table  # no markers for it yet: appended
 
 
 
 
 @pytest.mark.slow
-def test_shift_inpaint_has_telea_rows_per_mask_and_integral_only_white(tmp_path, monkeypatch, capsys):
+def test_shift_inpaint_has_telea_rows_per_mask_and_integral_only_white(tmp_path, monkeypatch, capsys, stand_in):
     """shift-inpaint with the stand-in restore: the Telea input row once per seed (the seed draws the hole), hole
     PSNR in every row, the exact flow equals the `shift:` flow, and integral runs only with the white model."""
     import argparse
 
-    import mlflow
-
-    calls = []
-    previous = mlflow.get_tracking_uri()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    calls = stand_in
     monkeypatch.setattr(experiments, "METHODS", ("gp", "integral"))
-    try:
-        args = argparse.Namespace(name="shift-inpaint", input=None, frames=None, steps=2, seeds=2, work_root=str(tmp_path),
-                                  json=True, guidance=None, guidance_space=None, tune_image=None, report_images=None,
-                                  update_doc=None)
-        assert experiments.experiment_cli(args) == 0
-        assert sorted((c.method, c.model_name) for c in calls) == sorted(
-            [("gp", "inpaint-gp"), ("gp", "inpaint-white"), ("integral", "inpaint-white")] * 2)
-        _, parents, children = _child_runs(tmp_path, "shift-inpaint")
-        by_row = {}
-        for r in children[parents[0].info.run_id]:
-            by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r.data.metrics)
-        assert set(by_row) == {"truth (floor)", "input: Telea", "gp", "gp/white", "integral/white"}
-        assert len(by_row["input: Telea"]) == 2 and len(by_row["truth (floor)"]) == 1
-        for row, ms in by_row.items():
-            for m in ms:
-                assert m["warping_error_pixel_first_exact"] == pytest.approx(m["warping_error_pixel_first"], rel=1e-6)
-                if row != "truth (floor)":
-                    assert "hole_psnr" in m and "blockiness" in m
-        assert max(m["warping_error_pixel_prev"] for m in by_row["truth (floor)"]) < 1e-12  # exact shift: no error
-    finally:
-        mlflow.set_tracking_uri(previous)
+    args = argparse.Namespace(name="shift-inpaint", input=None, frames=None, steps=2, seeds=2, work_root=str(tmp_path),
+                              json=True, guidance=None, guidance_space=None, tune_image=None, report_images=None,
+                              update_doc=None)
+    assert experiments.experiment_cli(args) == 0
+    assert sorted((c.method, c.model_name) for c in calls) == sorted(
+        [("gp", "inpaint-gp"), ("gp", "inpaint-white"), ("integral", "inpaint-white")] * 2)
+    _, parents, children = _child_runs(tmp_path, "shift-inpaint")
+    by_row = {}
+    for r in children[parents[0].info.run_id]:
+        by_row.setdefault(r.data.tags[compare.ROW_TAG], []).append(r.data.metrics)
+    assert set(by_row) == {"truth (floor)", "input: Telea", "gp", "gp/white", "integral/white"}
+    assert len(by_row["input: Telea"]) == 2 and len(by_row["truth (floor)"]) == 1
+    for row, ms in by_row.items():
+        for m in ms:
+            assert m["warping_error_pixel_first_exact"] == pytest.approx(m["warping_error_pixel_first"], rel=1e-6)
+            if row != "truth (floor)":
+                assert "hole_psnr" in m and "blockiness" in m
+    assert max(m["warping_error_pixel_prev"] for m in by_row["truth (floor)"]) < 1e-12  # exact shift: no error
 
 
 def test_score_run_reports_sampling_seconds_per_frame_and_compare_shows_them():
@@ -417,7 +414,7 @@ def test_score_run_reports_sampling_seconds_per_frame_and_compare_shows_them():
 
 
 @pytest.mark.slow
-def test_res_family_cli_writes_its_own_section_and_keeps_the_pca_table(tmp_path, monkeypatch, capsys):
+def test_res_family_cli_writes_its_own_section_and_keeps_the_pca_table(tmp_path, monkeypatch, capsys, stand_in):
     """`experiment video-sr --family res --guidance 2 --steps 2 --guidance-space pixel --update-doc`: runs every
     method on sr8-res-gp (integral on sr8-res-white) as MLflow experiment video-sr-res, writes its table between
     the video-sr-res markers and leaves the PCA video-sr table alone; λ/steps/space given on the command line win
@@ -425,12 +422,7 @@ def test_res_family_cli_writes_its_own_section_and_keeps_the_pca_table(tmp_path,
     import argparse
     import json
 
-    import mlflow
-
-    calls = []
-    previous = mlflow.get_tracking_uri()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(experiments, "_restore", _stand_in_restore(calls))
+    calls = stand_in
     monkeypatch.setattr(experiments, "CLIP_SIZE", 64)
     monkeypatch.setattr(experiments, "METHODS", ("warped-diffusion", "gp", "integral"))
     (tmp_path / "experiments").mkdir()
@@ -439,28 +431,25 @@ def test_res_family_cli_writes_its_own_section_and_keeps_the_pca_table(tmp_path,
     doc = tmp_path / "EXPERIMENTS.md"
     doc.write_text("# Experiments\n\n<!-- BEGIN experiment:video-sr -->\npca table\n<!-- END experiment:video-sr -->\n\n"
                    "## res\n\n<!-- BEGIN experiment:video-sr-res -->\nold res table\n<!-- END experiment:video-sr-res -->\n\nend\n")
-    try:
-        args = argparse.Namespace(name="video-sr", family="res", seeds=1, input=None, frames=3, steps=2, guidance=2.0,
-                                  guidance_space="pixel", work_root=str(tmp_path), json=False, tune_image="rocket",
-                                  report_images="coffee", update_doc=str(doc))
-        assert experiments.experiment_cli(args) == 0
-        printed = capsys.readouterr().out
-        assert {(c.method, c.model_name) for c in calls} == {
-            ("warped-diffusion", "sr8-res-gp"), ("gp", "sr8-res-gp"), ("integral", "sr8-res-white")}
-        assert {(c.steps, c.guidance, c.guidance_space) for c in calls if c.method == "warped-diffusion"} == {(2, 2.0, "pixel")}
-        assert "given on the command line (λ=2 steps=2 space=pixel)" in printed
-        client, parents, children = _child_runs(tmp_path, "video-sr-res")
-        assert len(parents) == 1
-        assert client.get_experiment_by_name("video-sr") is None  # the PCA experiment is untouched
-        rows = {r.data.tags[compare.ROW_TAG] for r in children[parents[0].info.run_id]}
-        assert {"warped-diffusion", "gp", "integral/white", "input: bicubic ×8", "truth (floor)"} <= rows
-        text = doc.read_text()
-        assert "pca table" in text and "old res table" not in text and text.rstrip().endswith("end")
-        res = text[text.index("<!-- BEGIN experiment:video-sr-res -->"):text.index("<!-- END experiment:video-sr-res -->")]
-        assert "`sr8-res-gp`: warped-diffusion, gp" in res and "`sr8-res-white`: integral/white" in res
-        assert "| integral/white | 1 |" in res
-    finally:
-        mlflow.set_tracking_uri(previous)
+    args = argparse.Namespace(name="video-sr", family="res", seeds=1, input=None, frames=3, steps=2, guidance=2.0,
+                              guidance_space="pixel", work_root=str(tmp_path), json=False, tune_image="rocket",
+                              report_images="coffee", update_doc=str(doc))
+    assert experiments.experiment_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert {(c.method, c.model_name) for c in calls} == {
+        ("warped-diffusion", "sr8-res-gp"), ("gp", "sr8-res-gp"), ("integral", "sr8-res-white")}
+    assert {(c.steps, c.guidance, c.guidance_space) for c in calls if c.method == "warped-diffusion"} == {(2, 2.0, "pixel")}
+    assert "given on the command line (λ=2 steps=2 space=pixel)" in printed
+    client, parents, children = _child_runs(tmp_path, "video-sr-res")
+    assert len(parents) == 1
+    assert client.get_experiment_by_name("video-sr") is None  # the PCA experiment is untouched
+    rows = {r.data.tags[compare.ROW_TAG] for r in children[parents[0].info.run_id]}
+    assert {"warped-diffusion", "gp", "integral/white", "input: bicubic ×8", "truth (floor)"} <= rows
+    text = doc.read_text()
+    assert "pca table" in text and "old res table" not in text and text.rstrip().endswith("end")
+    res = text[text.index("<!-- BEGIN experiment:video-sr-res -->"):text.index("<!-- END experiment:video-sr-res -->")]
+    assert "`sr8-res-gp`: warped-diffusion, gp" in res and "`sr8-res-white`: integral/white" in res
+    assert "| integral/white | 1 |" in res
 
 
 def test_each_model_family_is_tuned_on_its_own(tmp_path):
