@@ -44,7 +44,8 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group `pgid` still exists."""
     try:
         os.killpg(pgid, 0)
         return True
@@ -72,9 +73,9 @@ def stop_group(proc: subprocess.Popen, signals=(signal.SIGINT,), grace: float = 
         proc.wait(timeout=10)
     # children (uvicorn workers, flow-run subprocesses) may outlive the leader: reap the group
     deadline = time.monotonic() + kill_after
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _group_alive(pgid):
+    if group_alive(pgid):
         _killpg(pgid, signal.SIGKILL)
 
 

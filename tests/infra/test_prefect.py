@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from infra._proc import group_alive
 from infra.prefect_server import PrefectServer, ProcessWorker, deploy_all, run_deployment
 
 pytestmark = pytest.mark.slow
@@ -79,14 +80,6 @@ asyncio.run(main())
 '''
 
 
-def _pgroup_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_deploy_and_run_with_process_worker(tmp_path):
     project = tmp_path / "project"
     (project / "pipeline").mkdir(parents=True)
@@ -121,5 +114,5 @@ def test_deploy_and_run_with_process_worker(tmp_path):
         assert state == "COMPLETED", worker.log_tail()
         assert len(flow_run_id) == 36
         assert out.read_text() == "42"
-        assert not _pgroup_alive(worker_pid)
-    assert not _pgroup_alive(server_pid)
+        assert not group_alive(worker_pid)
+    assert not group_alive(server_pid)

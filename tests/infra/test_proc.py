@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from infra._proc import group_alive
 from tests._servers import marked_processes, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,14 +28,6 @@ direct = spawn(["sleep", "301"])
 print(leader.pid, direct.pid, flush=True)
 {end}
 """
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,11 +70,11 @@ def _cleanup(*pgids):
 def test_spawned_groups_stop_when_the_parent_ends(end):
     proc, leader, direct = _start(end)
     try:
-        assert _group_alive(leader) and _group_alive(direct)
+        assert group_alive(leader) and group_alive(direct)
         if "300" in end:
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, 128 + signal.SIGTERM)
-        assert _wait(lambda: not _group_alive(leader) and not _group_alive(direct)), "a spawned group outlived its parent"
+        assert _wait(lambda: not group_alive(leader) and not group_alive(direct)), "a spawned group outlived its parent"
     finally:
         _cleanup(leader, direct, proc.pid)
 
