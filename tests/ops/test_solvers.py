@@ -386,12 +386,18 @@ def test_temporal_coupling_is_zero_along_the_flow_and_pulls_frames_together():
         solvers.temporal_coupling(pair, torch.zeros(2, h, w, 2, dtype=torch.float64))
 
 
+def _residual_source(f: int, c: int, h: int, w: int, seed: int = 0, features: int = 64, bwd=None):
+    """(field, its weights w0, ResidualSource) of one GP draw over a clip panning 1 px per frame (or `bwd`)."""
+    if bwd is None:
+        _, bwd, _ = _video(f, c, h, w, dx=1.0)
+    rff = gp.draw_rff(np.random.default_rng(seed), c, max(h, w), num_features=features)
+    field, w0 = solvers.video_source(rff, flow.chain_positions(bwd), dtype=torch.float64)
+    return field, w0, solvers.ResidualSource(field, w0)
+
+
 def test_residual_source_starts_at_the_given_noise_around_a_fixed_field():
     f, c, h, w = 3, 2, 8, 8
-    _, bwd, _ = _video(f, c, h, w, dx=1.0)
-    features = gp.draw_rff(np.random.default_rng(0), c, max(h, w), num_features=64)
-    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
-    source = solvers.ResidualSource(field, w0)
+    field, w0, source = _residual_source(f, c, h, w)
     noise = torch.randn(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     delta = source.start(noise)
     assert delta.shape == (f, c, h, w) and torch.allclose(delta, noise - field(w0))
@@ -407,10 +413,7 @@ def test_residual_source_starts_at_the_given_noise_around_a_fixed_field():
 def test_video_dflow_with_no_video_terms_is_per_frame_dflow():
     """z = field + delta, delta optimised with no penalty: Adam's iterates are those of per-frame D-Flow exactly."""
     f, c, h, w = 3, 2, 8, 8
-    _, bwd, _ = _video(f, c, h, w, dx=1.0)
-    features = gp.draw_rff(np.random.default_rng(0), c, max(h, w), num_features=64)
-    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
-    source = solvers.ResidualSource(field, w0)
+    *_, source = _residual_source(f, c, h, w)
     keep = (torch.rand(1, 1, h, w, generator=torch.Generator().manual_seed(1)) > 0.5).double()
     y = keep * torch.rand(f, c, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     op = lambda v, j: operators.mask(v, keep)
@@ -449,9 +452,7 @@ def test_video_dflow_shares_what_the_flow_says_is_shared():
     y = truth + 0.2 * torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     op = lambda v, j: v
     sigmas = sampling.karras_sigmas(6, 0.002, 80.0)
-    features = gp.draw_rff(np.random.default_rng(2), c, max(h, w), num_features=128)
-    field, w0 = solvers.video_source(features, flow.chain_positions(bwd), dtype=torch.float64)
-    source = solvers.ResidualSource(field, w0)
+    *_, source = _residual_source(f, c, h, w, seed=2, features=128, bwd=bwd)
     kw = dict(iterations=60, optimizer="adam", lr=0.1)
     noise = torch.randn(truth.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))  # one start
     x_frame, _ = solvers.dflow(gaussian_denoiser, noise, sigmas, y, op, **kw)
