@@ -31,7 +31,7 @@ except ImportError:  # bare training machines: the flow is then a plain function
         return (lambda fn: fn) if not args or not callable(args[0]) else args[0]
 
 from ops.autoencoders import fit_pca_autoencoder, image_patches
-from ops.denoisers import EDMDenoiser, RestorationModel, build_unet
+from ops.denoisers import RestorationModel
 from ops.training import degrade_batch, edm_loss, evaluate, make_noise, psnr, random_crops
 from infra.tracking import git_commit
 from storage import models as store

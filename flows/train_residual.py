@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ops import degrade
 from ops.lapped import LappedAutoencoder, fit_lapped, init_from_pca

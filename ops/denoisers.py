@@ -17,7 +17,6 @@ Every denoiser treats batch elements independently and is differentiable w.r.t. 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

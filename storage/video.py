@@ -6,7 +6,7 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import av
 import fsspec

@@ -7,7 +7,6 @@ import os
 import re
 import time
 
-from infra._proc import free_port, stop_group, wait_http
 
 __all__ = ["free_port", "wait_http", "stop_group", "SUITE_ENV", "SERVICE_PATTERN", "marked_processes", "read_runs",
            "stop_in_process_services", "wait_gone"]

@@ -1,7 +1,5 @@
 """Measurement operators: adjoints to float precision, the sr kernel is the sr tasks' one, blur and noise facts."""
 
-import math
-
 import pytest
 import torch
 

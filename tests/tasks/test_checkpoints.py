@@ -5,7 +5,6 @@ own scheduler, encode prompts, and restore a clip from the command line."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ops import degrade, training
-from ops.autoencoders import PCAAutoencoder, fit_pca_autoencoder, image_patches
+from ops.autoencoders import fit_pca_autoencoder, image_patches
 from ops.denoisers import DiffusersAutoencoder, EDMDenoiser, RestorationModel, VPDenoiser, build_unet
 from storage import models as store
 
